@@ -1,0 +1,468 @@
+//! The messages that cross NATS: the only types the workers exchange.
+//!
+//! Every envelope is JSON with a `schema_version`. A worker decodes only the versions it
+//! knows ([`SCHEMA_VERSION`]); anything else is a [`DecodeError::UnsupportedVersion`] — the
+//! message goes to the dead-letter stream with that reason instead of being misread.
+//!
+//! Every publish carries a deterministic `Nats-Msg-Id` ([`RecordChunk::msg_id`] and
+//! friends), so a retried or re-run publish is dropped by JetStream's duplicate window.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The envelope version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A message type carried over NATS.
+pub trait Envelope: Serialize + DeserializeOwned {
+    /// What the message is, for errors (`"record chunk"`).
+    const KIND: &'static str;
+    fn schema_version(&self) -> u32;
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{kind} has schema_version {found}, this build reads only version {supported}; upgrade the consumer or replay with a matching build")]
+    UnsupportedVersion {
+        kind: &'static str,
+        found: u64,
+        supported: u32,
+    },
+    #[error("{kind} has no schema_version")]
+    MissingVersion { kind: &'static str },
+    #[error("{kind} is not valid JSON for its schema: {source}")]
+    Invalid {
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Decodes an envelope, checking `schema_version` before the body.
+pub fn decode<T: Envelope>(bytes: &[u8]) -> Result<T, DecodeError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema_version: Option<serde_json::Value>,
+    }
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|source| DecodeError::Invalid {
+        kind: T::KIND,
+        source,
+    })?;
+    match probe.schema_version {
+        None => return Err(DecodeError::MissingVersion { kind: T::KIND }),
+        Some(v) => match v.as_u64() {
+            Some(n) if n == u64::from(SCHEMA_VERSION) => {}
+            Some(n) => {
+                return Err(DecodeError::UnsupportedVersion {
+                    kind: T::KIND,
+                    found: n,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            None => return Err(DecodeError::MissingVersion { kind: T::KIND }),
+        },
+    }
+    serde_json::from_slice(bytes).map_err(|source| DecodeError::Invalid {
+        kind: T::KIND,
+        source,
+    })
+}
+
+/// Encodes an envelope.
+pub fn encode<T: Envelope>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(message)
+}
+
+/// Where a source's incremental fetch stands: the position *after* the last record handed on.
+///
+/// `(updated_at, id)` rather than a bare timestamp, so records sharing one `updated_at` are
+/// never skipped or repeated; or the API's own opaque token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cursor {
+    /// The last record by `(updated_at, id)`.
+    Position { updated_at: DateTime<Utc>, id: String },
+    /// An opaque continuation token from the API.
+    Token { token: String },
+}
+
+/// One record as fetched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// The record's id in its source (numbers are written as their decimal text).
+    pub id: String,
+    /// The source's last-modified time, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The record exactly as the source sent it.
+    pub payload: Box<RawValue>,
+}
+
+impl PartialEq for SourceRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.updated_at == other.updated_at
+            && self.payload.get() == other.payload.get()
+    }
+}
+
+/// A chunk of records from one fetch run (`tardis.records.<source>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordChunk {
+    pub schema_version: u32,
+    pub source: String,
+    /// Content-derived id ([`chunk_id`]): the same records fetched again get the same id,
+    /// whatever the run, so JetStream drops the republished chunk.
+    pub chunk_id: String,
+    pub run_id: String,
+    /// 0-based position of this chunk in its run.
+    pub chunk_seq: u64,
+    pub records: Vec<SourceRecord>,
+    /// The fetch cursor once this chunk is durably queued.
+    pub cursor_after: Option<Cursor>,
+    pub fetched_at: DateTime<Utc>,
+}
+
+impl Envelope for RecordChunk {
+    const KIND: &'static str = "record chunk";
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+}
+
+impl RecordChunk {
+    /// The `Nats-Msg-Id`.
+    pub fn msg_id(&self) -> String {
+        format!("rec:{}:{}", self.source, self.chunk_id)
+    }
+}
+
+/// The content-derived id of a chunk: a SHA-256 over the source and each record's
+/// `(id, updated_at)`, so re-fetching the same versions of the same records yields the same
+/// id in any run, and a newer version of any record yields a new one.
+pub fn chunk_id(source: &str, records: &[SourceRecord]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    for r in records {
+        h.update([0u8]);
+        h.update(r.id.as_bytes());
+        h.update([0u8]);
+        match &r.updated_at {
+            Some(t) => h.update(t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes()),
+            None => h.update(r.payload.get().as_bytes()),
+        }
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Token usage of one record: its share of its batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// One enriched record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrichedRecord {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+    pub payload: Box<RawValue>,
+    /// The validated enrichment object (default: sentiment, category, summary).
+    pub enrichment: serde_json::Value,
+    pub model: String,
+    pub prompt_version: String,
+    pub usage: Usage,
+    pub enriched_at: DateTime<Utc>,
+}
+
+impl PartialEq for EnrichedRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.updated_at == other.updated_at
+            && self.payload.get() == other.payload.get()
+            && self.enrichment == other.enrichment
+            && self.model == other.model
+            && self.prompt_version == other.prompt_version
+            && self.usage == other.usage
+            && self.enriched_at == other.enriched_at
+    }
+}
+
+/// A chunk of enriched records (`tardis.enriched.<source>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrichedChunk {
+    pub schema_version: u32,
+    pub source: String,
+    /// The `chunk_id` of the record chunk this was enriched from.
+    pub chunk_id: String,
+    pub run_id: String,
+    pub chunk_seq: u64,
+    pub records: Vec<EnrichedRecord>,
+    pub cursor_after: Option<Cursor>,
+    pub fetched_at: DateTime<Utc>,
+}
+
+impl Envelope for EnrichedChunk {
+    const KIND: &'static str = "enriched chunk";
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+}
+
+impl EnrichedChunk {
+    /// The `Nats-Msg-Id` of the enriched form of one record chunk.
+    pub fn msg_id(&self) -> String {
+        format!("enr:{}:{}", self.source, self.chunk_id)
+    }
+}
+
+/// The stage at which a record was given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Fetch,
+    Enrich,
+    Write,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Enrich => "enrich",
+            Stage::Write => "write",
+        }
+    }
+}
+
+/// A record that could not be processed (`tardis.dlq.<stage>.<source>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub schema_version: u32,
+    pub source: String,
+    pub stage: Stage,
+    /// The `chunk_id` of the chunk the record came in.
+    pub chunk_id: String,
+    pub run_id: String,
+    pub record: SourceRecord,
+    /// Why it was given up on, for humans.
+    pub reason: String,
+    pub attempts: u32,
+    /// The last error, with secrets redacted.
+    pub last_error: Option<String>,
+    pub failed_at: DateTime<Utc>,
+}
+
+impl Envelope for DeadLetter {
+    const KIND: &'static str = "dead letter";
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+}
+
+impl DeadLetter {
+    pub fn msg_id(&self) -> String {
+        format!(
+            "dlq:{}:{}:{}:{}",
+            self.stage.as_str(),
+            self.source,
+            self.chunk_id,
+            self.record.id
+        )
+    }
+}
+
+/// How a fetch run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    Succeeded,
+    Failed,
+    /// Another fetcher held the source's lease.
+    Skipped,
+}
+
+/// A fetch run report (`tardis.runs.<source>`), persisted by the writer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchRun {
+    pub schema_version: u32,
+    pub run_id: String,
+    pub source: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub records: u64,
+    pub pages: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub outcome: RunOutcome,
+    /// What went wrong, with secrets redacted.
+    pub error: Option<String>,
+    pub cursor_after: Option<Cursor>,
+}
+
+impl Envelope for FetchRun {
+    const KIND: &'static str = "fetch run";
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+}
+
+impl FetchRun {
+    pub fn msg_id(&self) -> String {
+        format!("run:{}:{}", self.source, self.run_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn record(id: &str) -> SourceRecord {
+        SourceRecord {
+            id: id.into(),
+            updated_at: Some(ts("2026-11-01T10:00:00Z")),
+            payload: RawValue::from_string(format!(r#"{{"id":"{id}","price":1.5,"tags":["a"]}}"#)).unwrap(),
+        }
+    }
+
+    fn chunk() -> RecordChunk {
+        let records = vec![record("1"), record("2")];
+        RecordChunk {
+            schema_version: SCHEMA_VERSION,
+            source: "market_data".into(),
+            chunk_id: chunk_id("market_data", &records),
+            run_id: "run-1".into(),
+            chunk_seq: 3,
+            records,
+            cursor_after: Some(Cursor::Position {
+                updated_at: ts("2026-11-01T10:00:00Z"),
+                id: "2".into(),
+            }),
+            fetched_at: ts("2026-11-01T10:05:00Z"),
+        }
+    }
+
+    fn round_trip<T: Envelope + PartialEq + std::fmt::Debug>(m: &T) {
+        let bytes = encode(m).unwrap();
+        let back: T = decode(&bytes).unwrap();
+        assert_eq!(&back, m);
+    }
+
+    #[test]
+    fn every_envelope_round_trips() {
+        let c = chunk();
+        round_trip(&c);
+        let enriched = EnrichedChunk {
+            schema_version: SCHEMA_VERSION,
+            source: c.source.clone(),
+            chunk_id: c.chunk_id.clone(),
+            run_id: c.run_id.clone(),
+            chunk_seq: c.chunk_seq,
+            records: vec![EnrichedRecord {
+                id: "1".into(),
+                updated_at: None,
+                payload: RawValue::from_string("{\"id\":1}".into()).unwrap(),
+                enrichment: serde_json::json!({"sentiment":"positive","category":"quote","summary":"up"}),
+                model: "deepseek-v3.2".into(),
+                prompt_version: "v1-abc".into(),
+                usage: Usage { prompt_tokens: 12, completion_tokens: 7, cost_usd: 0.000_008 },
+                enriched_at: ts("2026-11-01T10:06:00Z"),
+            }],
+            cursor_after: Some(Cursor::Token { token: "abc".into() }),
+            fetched_at: c.fetched_at,
+        };
+        round_trip(&enriched);
+        let dead = DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            source: "user_events".into(),
+            stage: Stage::Enrich,
+            chunk_id: "c".into(),
+            run_id: "r".into(),
+            record: record("9"),
+            reason: "invalid enrichment".into(),
+            attempts: 3,
+            last_error: Some("sentiment: \"great\" is not one of positive, neutral, negative".into()),
+            failed_at: ts("2026-11-01T10:07:00Z"),
+        };
+        round_trip(&dead);
+        let run = FetchRun {
+            schema_version: SCHEMA_VERSION,
+            run_id: "r".into(),
+            source: "user_events".into(),
+            started_at: ts("2026-11-01T10:00:00Z"),
+            finished_at: ts("2026-11-01T10:01:00Z"),
+            records: 10,
+            pages: 1,
+            chunks: 1,
+            bytes: 1234,
+            outcome: RunOutcome::Failed,
+            error: Some("HTTP 401 from https://api.example.com/v2/events".into()),
+            cursor_after: None,
+        };
+        round_trip(&run);
+    }
+
+    #[test]
+    fn payload_is_kept_byte_for_byte() {
+        let c = chunk();
+        let bytes = encode(&c).unwrap();
+        let back: RecordChunk = decode(&bytes).unwrap();
+        assert_eq!(back.records[0].payload.get(), r#"{"id":"1","price":1.5,"tags":["a"]}"#);
+    }
+
+    #[test]
+    fn future_schema_version_is_a_clear_error() {
+        let mut v = serde_json::to_value(chunk()).unwrap();
+        v["schema_version"] = serde_json::json!(2);
+        v["something_new"] = serde_json::json!({"x": 1});
+        let err = decode::<RecordChunk>(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2, supported: 1, .. }));
+        assert_eq!(
+            err.to_string(),
+            "record chunk has schema_version 2, this build reads only version 1; upgrade the consumer or replay with a matching build"
+        );
+    }
+
+    #[test]
+    fn missing_version_and_garbage_are_errors_not_panics() {
+        assert!(matches!(
+            decode::<RecordChunk>(br#"{"source":"x"}"#),
+            Err(DecodeError::MissingVersion { .. })
+        ));
+        assert!(matches!(
+            decode::<RecordChunk>(br#"{"schema_version":"one"}"#),
+            Err(DecodeError::MissingVersion { .. })
+        ));
+        assert!(matches!(decode::<RecordChunk>(b"\xff\x00"), Err(DecodeError::Invalid { .. })));
+        assert!(matches!(
+            decode::<RecordChunk>(br#"{"schema_version":1,"source":"x"}"#),
+            Err(DecodeError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn chunk_ids_depend_on_content_not_on_the_run() {
+        let a = chunk();
+        let mut b = chunk();
+        b.run_id = "another-run".into();
+        b.chunk_seq = 0;
+        b.chunk_id = chunk_id(&b.source, &b.records);
+        assert_eq!(a.msg_id(), b.msg_id(), "a re-run fetching the same versions is a duplicate");
+        b.records[1].updated_at = Some(ts("2026-11-02T00:00:00Z"));
+        b.chunk_id = chunk_id(&b.source, &b.records);
+        assert_ne!(a.msg_id(), b.msg_id(), "a newer version is new data");
+        assert_ne!(chunk_id("other", &a.records), a.chunk_id);
+        assert_eq!(a.chunk_id.len(), 32);
+    }
+}
