@@ -24,13 +24,19 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Self { base, cap: cap.max(base) }
+        Self {
+            base,
+            cap: cap.max(base),
+        }
     }
 
     /// The upper bound of the wait before retry number `attempt` (0-based): `min(cap, base·2^attempt)`.
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.checked_mul(factor).unwrap_or(self.cap).min(self.cap)
+        self.base
+            .checked_mul(factor)
+            .unwrap_or(self.cap)
+            .min(self.cap)
     }
 
     /// The wait before retry `attempt`, for a random draw `unit` in `[0, 1)`.
@@ -77,7 +83,11 @@ mod tests {
         let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let ceilings: Vec<u128> = (0..6).map(|a| b.ceiling(a).as_millis()).collect();
         assert_eq!(ceilings, vec![100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(b.ceiling(200), Duration::from_secs(1), "no overflow on huge attempts");
+        assert_eq!(
+            b.ceiling(200),
+            Duration::from_secs(1),
+            "no overflow on huge attempts"
+        );
     }
 
     #[test]
@@ -107,7 +117,10 @@ mod tests {
     fn retry_after_parses_seconds_and_http_dates() {
         let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
         assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
             Some(Duration::from_secs(30))

@@ -14,8 +14,10 @@
 //! * [`backoff`] — exponential backoff with full jitter and `Retry-After`.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod error;
 pub mod messages;
 pub mod metrics;
 pub mod nats;

@@ -25,7 +25,9 @@ pub trait Envelope: Serialize + DeserializeOwned {
 /// Why a message could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("{kind} has schema_version {found}, this build reads only version {supported}; upgrade the consumer or replay with a matching build")]
+    #[error(
+        "{kind} has schema_version {found}, this build reads only version {supported}; upgrade the consumer or replay with a matching build"
+    )]
     UnsupportedVersion {
         kind: &'static str,
         found: u64,
@@ -84,7 +86,10 @@ pub fn encode<T: Envelope>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Cursor {
     /// The last record by `(updated_at, id)`.
-    Position { updated_at: DateTime<Utc>, id: String },
+    Position {
+        updated_at: DateTime<Utc>,
+        id: String,
+    },
     /// An opaque continuation token from the API.
     Token { token: String },
 }
@@ -152,7 +157,10 @@ pub fn chunk_id(source: &str, records: &[SourceRecord]) -> String {
         h.update(r.id.as_bytes());
         h.update([0u8]);
         match &r.updated_at {
-            Some(t) => h.update(t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes()),
+            Some(t) => h.update(
+                t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+                    .as_bytes(),
+            ),
             None => h.update(r.payload.get().as_bytes()),
         }
     }
@@ -332,7 +340,8 @@ mod tests {
         SourceRecord {
             id: id.into(),
             updated_at: Some(ts("2026-11-01T10:00:00Z")),
-            payload: RawValue::from_string(format!(r#"{{"id":"{id}","price":1.5,"tags":["a"]}}"#)).unwrap(),
+            payload: RawValue::from_string(format!(r#"{{"id":"{id}","price":1.5,"tags":["a"]}}"#))
+                .unwrap(),
         }
     }
 
@@ -376,10 +385,16 @@ mod tests {
                 enrichment: serde_json::json!({"sentiment":"positive","category":"quote","summary":"up"}),
                 model: "deepseek-v3.2".into(),
                 prompt_version: "v1-abc".into(),
-                usage: Usage { prompt_tokens: 12, completion_tokens: 7, cost_usd: 0.000_008 },
+                usage: Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 7,
+                    cost_usd: 0.000_008,
+                },
                 enriched_at: ts("2026-11-01T10:06:00Z"),
             }],
-            cursor_after: Some(Cursor::Token { token: "abc".into() }),
+            cursor_after: Some(Cursor::Token {
+                token: "abc".into(),
+            }),
             fetched_at: c.fetched_at,
         };
         round_trip(&enriched);
@@ -392,7 +407,9 @@ mod tests {
             record: record("9"),
             reason: "invalid enrichment".into(),
             attempts: 3,
-            last_error: Some("sentiment: \"great\" is not one of positive, neutral, negative".into()),
+            last_error: Some(
+                "sentiment: \"great\" is not one of positive, neutral, negative".into(),
+            ),
             failed_at: ts("2026-11-01T10:07:00Z"),
         };
         round_trip(&dead);
@@ -418,7 +435,10 @@ mod tests {
         let c = chunk();
         let bytes = encode(&c).unwrap();
         let back: RecordChunk = decode(&bytes).unwrap();
-        assert_eq!(back.records[0].payload.get(), r#"{"id":"1","price":1.5,"tags":["a"]}"#);
+        assert_eq!(
+            back.records[0].payload.get(),
+            r#"{"id":"1","price":1.5,"tags":["a"]}"#
+        );
     }
 
     #[test]
@@ -427,7 +447,14 @@ mod tests {
         v["schema_version"] = serde_json::json!(2);
         v["something_new"] = serde_json::json!({"x": 1});
         let err = decode::<RecordChunk>(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2, supported: 1, .. }));
+        assert!(matches!(
+            err,
+            DecodeError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ));
         assert_eq!(
             err.to_string(),
             "record chunk has schema_version 2, this build reads only version 1; upgrade the consumer or replay with a matching build"
@@ -444,7 +471,10 @@ mod tests {
             decode::<RecordChunk>(br#"{"schema_version":"one"}"#),
             Err(DecodeError::MissingVersion { .. })
         ));
-        assert!(matches!(decode::<RecordChunk>(b"\xff\x00"), Err(DecodeError::Invalid { .. })));
+        assert!(matches!(
+            decode::<RecordChunk>(b"\xff\x00"),
+            Err(DecodeError::Invalid { .. })
+        ));
         assert!(matches!(
             decode::<RecordChunk>(br#"{"schema_version":1,"source":"x"}"#),
             Err(DecodeError::Invalid { .. })
@@ -458,7 +488,11 @@ mod tests {
         b.run_id = "another-run".into();
         b.chunk_seq = 0;
         b.chunk_id = chunk_id(&b.source, &b.records);
-        assert_eq!(a.msg_id(), b.msg_id(), "a re-run fetching the same versions is a duplicate");
+        assert_eq!(
+            a.msg_id(),
+            b.msg_id(),
+            "a re-run fetching the same versions is a duplicate"
+        );
         b.records[1].updated_at = Some(ts("2026-11-02T00:00:00Z"));
         b.chunk_id = chunk_id(&b.source, &b.records);
         assert_ne!(a.msg_id(), b.msg_id(), "a newer version is new data");

@@ -9,10 +9,14 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 /// (`process_resident_memory_bytes`, CPU, open fds).
 pub fn register_common(registry: &Registry, component: &str) -> prometheus::Result<()> {
     let info = IntGaugeVec::new(
-        Opts::new("tardis_build_info", "Build information of the running component (always 1)"),
+        Opts::new(
+            "tardis_build_info",
+            "Build information of the running component (always 1)",
+        ),
         &["component", "version"],
     )?;
-    info.with_label_values(&[component, env!("CARGO_PKG_VERSION")]).set(1);
+    info.with_label_values(&[component, env!("CARGO_PKG_VERSION")])
+        .set(1);
     registry.register(Box::new(info))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),

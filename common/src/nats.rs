@@ -35,10 +35,10 @@ use async_nats::{ConnectOptions, Event, ServerAddr};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::Secret;
 use crate::backoff::Backoff;
 use crate::config::Reader;
 use crate::ops::ReadyFlag;
-use crate::Secret;
 
 /// How to reach NATS: `NATS_URL` and the optional credentials and TLS files.
 #[derive(Debug, Clone)]
@@ -61,7 +61,10 @@ pub struct NatsSettings {
 pub enum NatsAuth {
     None,
     /// `NATS_USER` + `NATS_PASSWORD`.
-    UserPassword { user: String, password: Secret<String> },
+    UserPassword {
+        user: String,
+        password: Secret<String>,
+    },
     /// `NATS_TOKEN`.
     Token(Secret<String>),
     /// `NATS_CREDS_FILE`: a `.creds` file (JWT + NKey seed).
@@ -72,7 +75,9 @@ impl NatsSettings {
     pub const DEFAULT_URL: &'static str = "nats://127.0.0.1:4222";
 
     pub fn read(r: &mut Reader<'_>) -> Self {
-        let raw = r.string("NATS_URL").unwrap_or_else(|| Self::DEFAULT_URL.to_string());
+        let raw = r
+            .string("NATS_URL")
+            .unwrap_or_else(|| Self::DEFAULT_URL.to_string());
         let mut servers = Vec::new();
         for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match ServerAddr::from_str(part) {
@@ -91,7 +96,11 @@ impl NatsSettings {
         let password = r.secret("NATS_PASSWORD");
         let token = r.secret("NATS_TOKEN");
         let creds = r.existing_file("NATS_CREDS_FILE", "/etc/nats/tardis.creds");
-        let kinds = [user.is_some() || password.is_some(), token.is_some(), creds.is_some()];
+        let kinds = [
+            user.is_some() || password.is_some(),
+            token.is_some(),
+            creds.is_some(),
+        ];
         let auth = if kinds.iter().filter(|k| **k).count() > 1 {
             r.problem(
                 "NATS_USER/NATS_TOKEN/NATS_CREDS_FILE",
@@ -108,11 +117,19 @@ impl NatsSettings {
                 (Some(user), Some(password)) => NatsAuth::UserPassword { user, password },
                 (None, None) => NatsAuth::None,
                 (Some(_), None) => {
-                    r.problem("NATS_PASSWORD", "is not set but NATS_USER is", "set both NATS_USER and NATS_PASSWORD, or neither");
+                    r.problem(
+                        "NATS_PASSWORD",
+                        "is not set but NATS_USER is",
+                        "set both NATS_USER and NATS_PASSWORD, or neither",
+                    );
                     NatsAuth::None
                 }
                 (None, Some(_)) => {
-                    r.problem("NATS_USER", "is not set but NATS_PASSWORD is", "set both NATS_USER and NATS_PASSWORD, or neither");
+                    r.problem(
+                        "NATS_USER",
+                        "is not set but NATS_PASSWORD is",
+                        "set both NATS_USER and NATS_PASSWORD, or neither",
+                    );
                     NatsAuth::None
                 }
             }
@@ -124,7 +141,9 @@ impl NatsSettings {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => {
-                if r.string("NATS_TLS_CERT_FILE").is_some() != r.string("NATS_TLS_KEY_FILE").is_some() {
+                if r.string("NATS_TLS_CERT_FILE").is_some()
+                    != r.string("NATS_TLS_KEY_FILE").is_some()
+                {
                     r.problem(
                         "NATS_TLS_CERT_FILE/NATS_TLS_KEY_FILE",
                         "only one of the client certificate and its key is set",
@@ -134,8 +153,8 @@ impl NatsSettings {
                 None
             }
         };
-        let tls_required = r.bool("NATS_TLS_REQUIRED", false)
-            || servers.iter().any(|s| s.tls_required());
+        let tls_required =
+            r.bool("NATS_TLS_REQUIRED", false) || servers.iter().any(|s| s.tls_required());
         Self {
             servers,
             auth,
@@ -155,7 +174,11 @@ impl NatsSettings {
             .join(",")
     }
 
-    async fn options(&self, client_name: &str, ready: Option<ReadyFlag>) -> std::io::Result<ConnectOptions> {
+    async fn options(
+        &self,
+        client_name: &str,
+        ready: Option<ReadyFlag>,
+    ) -> std::io::Result<ConnectOptions> {
         let mut options = ConnectOptions::new()
             .name(client_name)
             .connection_timeout(self.connect_timeout)
@@ -177,6 +200,7 @@ impl NatsSettings {
                                 r.set(false);
                             }
                         }
+                        Event::Draining | Event::Closed => info!(event = %event, "nats connection"),
                         other => warn!(event = %other, "nats event"),
                     }
                 }
@@ -227,6 +251,7 @@ impl NatsSettings {
                     info!(servers = %self.display_servers(), max_payload = client.server_info().max_payload, "connected to nats");
                     return Ok(client);
                 }
+                Err(error) if is_permanent(&error) => return Err(NatsError::Connect(error)),
                 Err(error) => {
                     let delay = backoff.delay(attempt);
                     attempt = attempt.saturating_add(1);
@@ -241,11 +266,24 @@ impl NatsSettings {
     }
 }
 
+/// Connection errors that retrying cannot fix: bad credentials, TLS misconfiguration.
+fn is_permanent(error: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as K;
+    matches!(
+        error.kind(),
+        K::Authentication | K::AuthorizationViolation | K::Tls
+    )
+}
+
 /// Errors of connecting and provisioning.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("cannot read the NATS credentials file: {0}")]
     Credentials(#[source] std::io::Error),
+    #[error(
+        "cannot connect to NATS (check NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS_FILE and the TLS settings): {0}"
+    )]
+    Connect(#[source] async_nats::ConnectError),
     #[error("shutdown requested before NATS was reachable")]
     Cancelled,
     #[error("provisioning stream {name} failed: {source}")]
@@ -299,7 +337,9 @@ impl Names {
 
     /// Names under `prefix` (tests use a random one per test).
     pub fn with_prefix(prefix: impl Into<String>) -> Self {
-        Self { prefix: Some(prefix.into()) }
+        Self {
+            prefix: Some(prefix.into()),
+        }
     }
 
     pub fn prefix(&self) -> Option<&str> {
@@ -588,6 +628,7 @@ impl Topology {
 
     /// Creates or updates `streams`, then `consumers`, then (if asked) the fetch-state bucket.
     /// Running it again with the same settings changes nothing.
+    #[tracing::instrument(name = "provision", skip_all, fields(prefix = self.names.prefix().unwrap_or("")))]
     pub async fn provision(
         &self,
         js: &jetstream::Context,
@@ -605,11 +646,18 @@ impl Topology {
         for kind in wanted {
             let config = self.stream_config(kind);
             let name = config.name.clone();
-            let before = js.get_stream(&name).await.ok().map(|s| s.cached_info().config.clone());
-            let info = js
-                .create_or_update_stream(config)
+            let before = js
+                .get_stream(&name)
                 .await
-                .map_err(|source| NatsError::Stream { name: name.clone(), source })?;
+                .ok()
+                .map(|s| s.cached_info().config.clone());
+            let info =
+                js.create_or_update_stream(config)
+                    .await
+                    .map_err(|source| NatsError::Stream {
+                        name: name.clone(),
+                        source,
+                    })?;
             let outcome = match before {
                 None => Provisioned::Created,
                 Some(b) if b == info.config => Provisioned::Unchanged,
@@ -621,13 +669,13 @@ impl Topology {
         for spec in consumers {
             let stream_name = self.names.stream(spec.kind.stream());
             let name = self.names.consumer(spec.kind);
-            let stream = js
-                .get_stream(&stream_name)
-                .await
-                .map_err(|source| NatsError::GetStream {
-                    name: stream_name.clone(),
-                    source,
-                })?;
+            let stream =
+                js.get_stream(&stream_name)
+                    .await
+                    .map_err(|source| NatsError::GetStream {
+                        name: stream_name.clone(),
+                        source,
+                    })?;
             let before = stream
                 .get_consumer::<consumer::pull::Config>(&name)
                 .await
@@ -653,12 +701,23 @@ impl Topology {
         if fetch_state {
             let config = self.fetch_state_config();
             let name = config.bucket.clone();
-            let before = js.get_stream(format!("KV_{name}")).await.ok().map(|s| s.cached_info().config.clone());
+            let before = js
+                .get_stream(format!("KV_{name}"))
+                .await
+                .ok()
+                .map(|s| s.cached_info().config.clone());
             let store = js
                 .create_or_update_key_value(config)
                 .await
-                .map_err(|source| NatsError::Bucket { name: name.clone(), source })?;
-            let after = js.get_stream(format!("KV_{name}")).await.ok().map(|s| s.cached_info().config.clone());
+                .map_err(|source| NatsError::Bucket {
+                    name: name.clone(),
+                    source,
+                })?;
+            let after = js
+                .get_stream(format!("KV_{name}"))
+                .await
+                .ok()
+                .map(|s| s.cached_info().config.clone());
             drop(store);
             let outcome = match (before, after) {
                 (None, _) => Provisioned::Created,

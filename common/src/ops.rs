@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use axum::Router;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,10 @@ impl Readiness {
     /// Creates the latches and registers `tardis_ready` in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let gauge = IntGaugeVec::new(
-            Opts::new("tardis_ready", "1 when a readiness check passes, 0 when it does not"),
+            Opts::new(
+                "tardis_ready",
+                "1 when a readiness check passes, 0 when it does not",
+            ),
             &["check"],
         )?;
         registry.register(Box::new(gauge.clone()))?;
@@ -92,7 +95,9 @@ impl Readiness {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<AtomicBool>>> {
         // A poisoned lock only means a panic elsewhere while inserting; the map is still valid.
-        self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -132,7 +137,10 @@ impl OpsServer {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
-        Ok(Self { listener, local_addr })
+        Ok(Self {
+            listener,
+            local_addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -165,7 +173,10 @@ fn router(registry: Registry, readiness: Readiness) -> Router {
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(OpsState { registry, readiness })
+        .with_state(OpsState {
+            registry,
+            readiness,
+        })
 }
 
 async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
@@ -216,11 +227,16 @@ mod tests {
         assert!(!readiness.is_ready());
         let text = String::from_utf8({
             let mut b = Vec::new();
-            TextEncoder::new().encode(&registry.gather(), &mut b).unwrap();
+            TextEncoder::new()
+                .encode(&registry.gather(), &mut b)
+                .unwrap();
             b
         })
         .unwrap();
         assert!(text.contains("tardis_ready{check=\"nats\"} 0"), "{text}");
-        assert!(text.contains("tardis_ready{check=\"postgres\"} 1"), "{text}");
+        assert!(
+            text.contains("tardis_ready{check=\"postgres\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
 
-use crate::config::Reader;
 use crate::Secret;
+use crate::config::Reader;
 
 /// How to reach Postgres.
 #[derive(Clone)]
@@ -79,7 +79,11 @@ impl PostgresSettings {
         if let Some(port) = r.string("PGPORT") {
             match port.parse::<u16>() {
                 Ok(p) if p > 0 => settings.port = p,
-                _ => r.problem("PGPORT", format!("is not a port number: {port:?}"), "for example PGPORT=5432"),
+                _ => r.problem(
+                    "PGPORT",
+                    format!("is not a port number: {port:?}"),
+                    "for example PGPORT=5432",
+                ),
             }
         }
         if let Some(url) = r.raw("DATABASE_URL") {
@@ -122,7 +126,10 @@ impl PostgresSettings {
                 .unwrap_or_else(|_| tokio_postgres::Config::new()),
             None => {
                 let mut c = tokio_postgres::Config::new();
-                c.host(&self.host).port(self.port).user(&self.user).dbname(&self.dbname);
+                c.host(&self.host)
+                    .port(self.port)
+                    .user(&self.user)
+                    .dbname(&self.dbname);
                 c
             }
         };
@@ -162,7 +169,8 @@ impl PostgresSettings {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &self.ssl_root_cert {
-            let pem = std::fs::read(path).map_err(|e| PoolError::RootCert(path.clone(), e.to_string()))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| PoolError::RootCert(path.clone(), e.to_string()))?;
             for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
                 let cert: rustls::pki_types::CertificateDer<'static> =
                     cert.map_err(|e| PoolError::RootCert(path.clone(), e.to_string()))?;
@@ -187,13 +195,60 @@ pub enum PoolError {
     RootCert(PathBuf, String),
 }
 
+/// Keeps `ready` equal to "Postgres answers `SELECT 1`", checking every `interval` (faster,
+/// with backoff, while it is down), until `shutdown`.
+pub async fn watch_reachability(
+    pool: Pool,
+    ready: crate::ops::ReadyFlag,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let backoff = crate::backoff::Backoff::new(Duration::from_millis(200), interval);
+    let mut failures = 0u32;
+    loop {
+        let ok = match pool.get().await {
+            Ok(client) => client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| crate::error::chain(&e)),
+            Err(e) => Err(crate::error::chain(&e)),
+        };
+        let wait = match ok {
+            Ok(()) => {
+                if !ready.get() {
+                    tracing::info!("postgres reachable");
+                }
+                ready.set(true);
+                failures = 0;
+                interval
+            }
+            Err(error) => {
+                if ready.get() || failures == 0 {
+                    tracing::warn!(%error, "postgres unreachable");
+                }
+                ready.set(false);
+                failures = failures.saturating_add(1);
+                backoff.delay(failures).max(Duration::from_millis(100))
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
     fn read(pairs: &[(&str, &str)]) -> (PostgresSettings, Result<(), crate::config::ConfigError>) {
-        let env: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut r = Reader::new(&env);
         let s = PostgresSettings::read(&mut r);
         (s, r.finish())
@@ -201,7 +256,13 @@ mod tests {
 
     #[test]
     fn pg_variables_with_the_legacy_password() {
-        let (s, ok) = read(&[("PGHOST", "db"), ("PGPORT", "6543"), ("PGUSER", "u"), ("PGDATABASE", "d"), ("DB_PASSWORD", "pw-123456")]);
+        let (s, ok) = read(&[
+            ("PGHOST", "db"),
+            ("PGPORT", "6543"),
+            ("PGUSER", "u"),
+            ("PGDATABASE", "d"),
+            ("DB_PASSWORD", "pw-123456"),
+        ]);
         ok.unwrap();
         assert_eq!(s.display_target(), "u@db:6543/d");
         assert_eq!(s.pg_config().get_password(), Some(&b"pw-123456"[..]));
@@ -210,7 +271,11 @@ mod tests {
 
     #[test]
     fn database_url_wins_and_db_password_fills_it_in() {
-        let (s, ok) = read(&[("DATABASE_URL", "postgres://w@pg:5433/tardis"), ("PGHOST", "ignored"), ("DB_PASSWORD", "pw-abcdef")]);
+        let (s, ok) = read(&[
+            ("DATABASE_URL", "postgres://w@pg:5433/tardis"),
+            ("PGHOST", "ignored"),
+            ("DB_PASSWORD", "pw-abcdef"),
+        ]);
         ok.unwrap();
         assert_eq!(s.display_target(), "w@pg:5433/tardis");
         assert_eq!(s.pg_config().get_password(), Some(&b"pw-abcdef"[..]));
@@ -223,7 +288,10 @@ mod tests {
         assert!(!format!("{s:?}").contains("url-secret-pw"));
         let (_, err) = read(&[("DATABASE_URL", "postgres://w:url-secret-pw@pg:notaport/x")]);
         let text = err.unwrap_err().to_string();
-        assert!(text.contains("DATABASE_URL: is not a Postgres connection URL"), "{text}");
+        assert!(
+            text.contains("DATABASE_URL: is not a Postgres connection URL"),
+            "{text}"
+        );
         assert!(!text.contains("url-secret-pw"), "{text}");
     }
 
@@ -232,6 +300,9 @@ mod tests {
         let (_, err) = read(&[("PGPORT", "0"), ("PGSSLMODE", "sometimes")]);
         let text = err.unwrap_err().to_string();
         assert!(text.contains("PGPORT: is not a port number"), "{text}");
-        assert!(text.contains("PGSSLMODE: unsupported mode \"sometimes\""), "{text}");
+        assert!(
+            text.contains("PGSSLMODE: unsupported mode \"sometimes\""),
+            "{text}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 /// A token cancelled on the first SIGTERM or SIGINT. Must be called inside a Tokio runtime.
 pub fn on_signals() -> std::io::Result<CancellationToken> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -40,7 +40,11 @@ pub async fn drain(tracker: &TaskTracker, grace: Duration) -> Result<(), DrainTi
         Ok(())
     } else {
         let remaining = tracker.len();
-        warn!(remaining, grace_ms = grace.as_millis() as u64, "in-flight work did not finish in time");
+        warn!(
+            remaining,
+            grace_ms = grace.as_millis() as u64,
+            "in-flight work did not finish in time"
+        );
         Err(DrainTimeout { remaining, grace })
     }
 }

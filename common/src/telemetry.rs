@@ -15,9 +15,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 use url::Url;
 
 use crate::config::Reader;
@@ -192,9 +192,16 @@ mod tests {
 
         let mut headers = async_nats::HeaderMap::new();
         inject_context(&cx, &mut headers);
-        let traceparent = headers.get("traceparent").expect("traceparent set").as_str().to_string();
+        let traceparent = headers
+            .get("traceparent")
+            .expect("traceparent set")
+            .as_str()
+            .to_string();
         assert!(traceparent.starts_with("00-"), "{traceparent}");
-        assert!(traceparent.contains(&sent.trace_id().to_string()), "{traceparent}");
+        assert!(
+            traceparent.contains(&sent.trace_id().to_string()),
+            "{traceparent}"
+        );
 
         let received = extract_context(Some(&headers));
         let got = received.span().span_context().clone();
@@ -226,7 +233,10 @@ mod tests {
         let mut r = Reader::new(&env);
         TelemetrySettings::read(&mut r, "writer");
         let err = r.finish().unwrap_err().to_string();
-        assert!(err.contains("RUST_LOG: is not a log level or filter"), "{err}");
+        assert!(
+            err.contains("RUST_LOG: is not a log level or filter"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tardis_common::app::main(fetcher::COMPONENT, fetcher::Config::from_env, fetcher::run)
+}

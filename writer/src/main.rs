@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tardis_common::app::main(writer::COMPONENT, writer::Config::from_env, writer::run)
+}

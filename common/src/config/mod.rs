@@ -12,7 +12,7 @@
 mod sources;
 
 pub use sources::{
-    AuthType, Pagination, ScheduleSpec, SourceConfig, SourcesConfig, DEFAULT_CREDENTIAL_ENV,
+    AuthType, DEFAULT_CREDENTIAL_ENV, Pagination, ScheduleSpec, SourceConfig, SourcesConfig,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -83,8 +83,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    /// The exit code for a bad configuration (`EX_CONFIG` from sysexits.h).
-    pub const EXIT_CODE: u8 = 78;
+    /// The exit code for a bad configuration (`EX_USAGE` from sysexits.h).
+    pub const EXIT_CODE: u8 = 64;
 }
 
 impl fmt::Display for ConfigError {
@@ -127,7 +127,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Records a problem with `key`.
-    pub fn problem(&mut self, key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+    pub fn problem(
+        &mut self,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
         self.problems.push(ConfigProblem {
             key: key.into(),
             problem: problem.into(),
@@ -163,7 +168,11 @@ impl<'a> Reader<'a> {
     pub fn required(&mut self, key: &str, example: &str) -> Option<String> {
         let value = self.string(key);
         if value.is_none() {
-            self.problem(key, "is not set", format!("set it, for example {key}={example}"));
+            self.problem(
+                key,
+                "is not set",
+                format!("set it, for example {key}={example}"),
+            );
         }
         value
     }
@@ -187,7 +196,11 @@ impl<'a> Reader<'a> {
         let Some(value) = self.string(key) else {
             return default;
         };
-        let what = if min == 0 { "a non-negative" } else { "a positive" };
+        let what = if min == 0 {
+            "a non-negative"
+        } else {
+            "a positive"
+        };
         match value.parse::<i64>() {
             Ok(n) if n >= i64::from(min) && n <= i64::from(u32::MAX) => n as u32,
             Ok(n) => {
@@ -355,6 +368,11 @@ impl CommonConfig {
     }
 }
 
+/// Whether `TARDIS_PREFIX` is usable in stream, subject and bucket names.
+pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
+    prefix.len() <= 32 && sources::is_valid_token(prefix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +392,11 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("0").unwrap_err().contains("positive"));
         assert!(parse_duration("-3").unwrap_err().contains("positive"));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
     }
 
     #[test]
@@ -388,20 +410,32 @@ mod tests {
         let err = r.finish().unwrap_err();
         let text = err.to_string();
         assert_eq!(err.problems.len(), 3, "{text}");
-        assert!(text.contains("A: must be a positive integer, got 0; for example A=5"), "{text}");
-        assert!(text.contains("B: must be a non-negative integer, got -2"), "{text}");
-        assert!(text.contains("C: must be a positive integer, got \"ten\""), "{text}");
+        assert!(
+            text.contains("A: must be a positive integer, got 0; for example A=5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("B: must be a non-negative integer, got -2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("C: must be a positive integer, got \"ten\""),
+            "{text}"
+        );
     }
 
     #[test]
     fn urls_must_be_http_with_a_host() {
         assert!(parse_http_url("https://api.example.com/v1").is_ok());
-        assert!(parse_http_url("ftp://x").unwrap_err().contains("http or https"));
-        assert!(parse_http_url("not a url").unwrap_err().contains("not a valid URL"));
+        assert!(
+            parse_http_url("ftp://x")
+                .unwrap_err()
+                .contains("http or https")
+        );
+        assert!(
+            parse_http_url("not a url")
+                .unwrap_err()
+                .contains("not a valid URL")
+        );
     }
-}
-
-/// Whether `TARDIS_PREFIX` is usable in stream, subject and bucket names.
-pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
-    prefix.len() <= 32 && sources::is_valid_token(prefix)
 }

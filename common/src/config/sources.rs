@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::{parse_duration, parse_http_url, Reader};
+use super::{Reader, parse_duration, parse_http_url};
 use crate::Secret;
 
 /// The environment variable holding a source's credential unless the source names another.
@@ -151,15 +151,18 @@ pub enum ScheduleSpec {
 
 impl ScheduleSpec {
     /// The next time this schedule fires strictly after `after`.
-    pub fn next_after(&self, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    pub fn next_after(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         match self {
             ScheduleSpec::Cron { cron, timezone, .. } => cron
                 .find_next_occurrence(&after.with_timezone(timezone), false)
                 .ok()
                 .map(|t| t.with_timezone(&chrono::Utc)),
-            ScheduleSpec::Every(every) => chrono::Duration::from_std(*every)
-                .ok()
-                .map(|d| after + d),
+            ScheduleSpec::Every(every) => {
+                chrono::Duration::from_std(*every).ok().map(|d| after + d)
+            }
         }
     }
 }
@@ -220,7 +223,7 @@ struct RawSource {
     name: String,
     url: String,
     #[serde(default)]
-    auth_type: Option<AuthType>,
+    auth_type: Option<String>,
     #[serde(default)]
     credential_env: Option<String>,
     #[serde(default)]
@@ -312,7 +315,8 @@ impl SourcesConfig {
         let chunk_size = r.positive_u32("CHUNK_SIZE", Self::DEFAULT_CHUNK_SIZE);
         let max_retries = r.non_negative_u32("MAX_RETRIES", Self::DEFAULT_MAX_RETRIES);
         let retry_delay = r.duration("RETRY_DELAY", Self::DEFAULT_RETRY_DELAY);
-        let collection_interval = r.duration("COLLECTION_INTERVAL", Self::DEFAULT_COLLECTION_INTERVAL);
+        let collection_interval =
+            r.duration("COLLECTION_INTERVAL", Self::DEFAULT_COLLECTION_INTERVAL);
         let mut config = Self {
             sources: Vec::new(),
             chunk_size,
@@ -376,13 +380,9 @@ impl SourcesConfig {
                         format!("DATA_SOURCES[{i}].{path}")
                     };
                     let inner = e.into_inner().to_string();
-                    let fix = if path == "auth_type" {
-                        format!(
-                            "use one of {}",
-                            AuthType::ALL.map(AuthType::as_str).join(", ")
-                        )
-                    } else if inner.contains("unknown field") {
-                        "remove or rename the field (see the source reference in README.md)".to_string()
+                    let fix = if inner.contains("unknown field") {
+                        "remove or rename the field (see the source reference in README.md)"
+                            .to_string()
                     } else {
                         format!("for example {SOURCES_EXAMPLE}")
                     };
@@ -420,11 +420,20 @@ fn describe_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-fn validate_source(r: &mut Reader<'_>, i: usize, raw: RawSource, defaults: &SourcesConfig) -> Option<SourceConfig> {
+fn validate_source(
+    r: &mut Reader<'_>,
+    i: usize,
+    raw: RawSource,
+    defaults: &SourcesConfig,
+) -> Option<SourceConfig> {
     let before = r.problems.len();
     let name = raw.name.trim().to_string();
     let key = |field: &str| format!("DATA_SOURCES[{i}].{field}");
-    let label = if name.is_empty() { format!("source #{i}") } else { format!("source {name:?}") };
+    let label = if name.is_empty() {
+        format!("source #{i}")
+    } else {
+        format!("source {name:?}")
+    };
     if !is_valid_token(&name) {
         r.problem(
             key("name"),
@@ -443,7 +452,23 @@ fn validate_source(r: &mut Reader<'_>, i: usize, raw: RawSource, defaults: &Sour
             None
         }
     };
-    let auth_type = raw.auth_type.unwrap_or(AuthType::None);
+    let auth_type = match raw.auth_type.as_deref().map(str::trim) {
+        None | Some("") => AuthType::None,
+        Some(text) => match AuthType::ALL.into_iter().find(|a| a.as_str() == text) {
+            Some(a) => a,
+            None => {
+                r.problem(
+                    key("auth_type"),
+                    format!("{label}: unknown auth_type {text:?}"),
+                    format!(
+                        "use one of {}",
+                        AuthType::ALL.map(AuthType::as_str).join(", ")
+                    ),
+                );
+                AuthType::None
+            }
+        },
+    };
     let credential_env = raw
         .credential_env
         .unwrap_or_else(|| DEFAULT_CREDENTIAL_ENV.to_string());
@@ -500,33 +525,61 @@ fn validate_source(r: &mut Reader<'_>, i: usize, raw: RawSource, defaults: &Sour
             }
         },
     };
-    let mut duration = |field: &str, value: Option<JsonDuration>, default: Duration, example: &str| match value {
-        None => default,
-        Some(v) => match v.parse() {
-            Ok(d) => d,
-            Err(problem) => {
-                r.problem(key(field), format!("{label}: {field} {problem}"), format!("for example \"{field}\": \"{example}\""));
-                default
-            }
-        },
-    };
-    let initial_lookback = duration("initial_lookback", raw.initial_lookback, SourcesConfig::DEFAULT_INITIAL_LOOKBACK, "24h");
-    let timeout = duration("timeout", raw.timeout, SourcesConfig::DEFAULT_TIMEOUT, "30s");
+    let mut duration =
+        |field: &str, value: Option<JsonDuration>, default: Duration, example: &str| match value {
+            None => default,
+            Some(v) => match v.parse() {
+                Ok(d) => d,
+                Err(problem) => {
+                    r.problem(
+                        key(field),
+                        format!("{label}: {field} {problem}"),
+                        format!("for example \"{field}\": \"{example}\""),
+                    );
+                    default
+                }
+            },
+        };
+    let initial_lookback = duration(
+        "initial_lookback",
+        raw.initial_lookback,
+        SourcesConfig::DEFAULT_INITIAL_LOOKBACK,
+        "24h",
+    );
+    let timeout = duration(
+        "timeout",
+        raw.timeout,
+        SourcesConfig::DEFAULT_TIMEOUT,
+        "30s",
+    );
     let retry_delay = duration("retry_delay", raw.retry_delay, defaults.retry_delay, "30s");
-    let mut positive = |field: &str, value: Option<i64>, default: u32, allow_zero: bool| match value {
+    let mut positive = |field: &str, value: Option<i64>, default: u32, allow_zero: bool| match value
+    {
         None => default,
         Some(n) if (n > 0 || (allow_zero && n == 0)) && n <= i64::from(u32::MAX) => n as u32,
         Some(n) => {
             r.problem(
                 key(field),
-                format!("{label}: {field} must be a {} integer, got {n}", if allow_zero { "non-negative" } else { "positive" }),
+                format!(
+                    "{label}: {field} must be a {} integer, got {n}",
+                    if allow_zero {
+                        "non-negative"
+                    } else {
+                        "positive"
+                    }
+                ),
                 format!("for example \"{field}\": {default}"),
             );
             default
         }
     };
     let page_size = positive("page_size", raw.page_size, defaults.chunk_size, false);
-    let max_pages = positive("max_pages", raw.max_pages, SourcesConfig::DEFAULT_MAX_PAGES, false);
+    let max_pages = positive(
+        "max_pages",
+        raw.max_pages,
+        SourcesConfig::DEFAULT_MAX_PAGES,
+        false,
+    );
     let max_retries = positive("max_retries", raw.max_retries, defaults.max_retries, true);
     let rate_limit = match raw.rate_limit {
         Some(rps) if !(rps.is_finite() && rps > 0.0) => {
@@ -539,7 +592,9 @@ fn validate_source(r: &mut Reader<'_>, i: usize, raw: RawSource, defaults: &Sour
         }
         other => other,
     };
-    let pointer = |v: Option<String>, default: &str| as_pointer(v.as_deref().map(str::trim).unwrap_or(default));
+    let pointer = |v: Option<String>, default: &str| {
+        as_pointer(v.as_deref().map(str::trim).unwrap_or(default))
+    };
     let source = SourceConfig {
         name,
         url: url?,
@@ -558,7 +613,9 @@ fn validate_source(r: &mut Reader<'_>, i: usize, raw: RawSource, defaults: &Sour
             Some(Some(f)) => Some(as_pointer(f.trim())),
         },
         since_param: raw.since_param.unwrap_or_else(|| Some("since".into())),
-        after_id_param: raw.after_id_param.unwrap_or_else(|| Some("after_id".into())),
+        after_id_param: raw
+            .after_id_param
+            .unwrap_or_else(|| Some("after_id".into())),
         initial_lookback,
         page_size,
         max_pages,

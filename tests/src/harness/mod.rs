@@ -1,0 +1,72 @@
+//! The test harness: real `nats-server -js` and real Postgres processes, the worker binaries,
+//! and small helpers every integration test uses.
+//!
+//! * [`nats::NatsServer`] / [`postgres::PostgresServer`] start a server on a free port in a
+//!   temporary directory and can stop, kill and restart it (same port, same data).
+//! * [`shared_nats`] / [`shared_postgres`] give one server per test binary (or the ones named
+//!   by `NATS_URL` / `DATABASE_URL`); tests isolate themselves with [`TestNats`] (a random
+//!   name prefix) and [`TestDb`] (a fresh database).
+//! * A binary a test needs that is missing fails the test with the command that installs it.
+//!
+//! The harness reads the environment (`NATS_URL`, `DATABASE_URL`, `NATS_SERVER_BIN`,
+//! `PG_BIN_DIR`, `TARDIS_BIN_DIR`) — it is test code, not a worker.
+
+pub mod bins;
+pub mod nats;
+pub mod postgres;
+pub mod procs;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use rand::Rng;
+
+pub use nats::{NatsServer, TestNats, shared_nats};
+pub use postgres::{PostgresServer, TestDb, shared_postgres};
+
+/// An HTTP client for tests (rustls with the same crypto provider as the workers).
+pub fn http() -> reqwest::Client {
+    tardis_common::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+/// `GET url`: the status and the body.
+pub async fn http_get(url: &str) -> Result<(u16, String)> {
+    let resp = http().get(url).send().await?;
+    Ok((resp.status().as_u16(), resp.text().await?))
+}
+
+/// A random lowercase suffix for names (8 hex digits).
+pub fn unique_suffix() -> String {
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `check` every 50 ms until it returns `Ok(Some(value))`, or fails after `deadline`
+/// with the last error. Tests wait for effects with this, never with a fixed sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    let mut last = String::from("condition not met");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() >= until {
+            bail!("timed out after {deadline:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

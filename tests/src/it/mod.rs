@@ -1,0 +1,7 @@
+//! Integration tests: real nats-server, real Postgres, real worker binaries.
+
+mod binaries;
+mod config;
+mod nats;
+mod postgres;
+mod support;
