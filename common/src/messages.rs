@@ -295,6 +295,19 @@ pub enum RunOutcome {
     Failed,
     /// Another fetcher held the source's lease.
     Skipped,
+    /// Stopped by shutdown; what was published stays published and the cursor says so.
+    Interrupted,
+}
+
+impl RunOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Skipped => "skipped",
+            RunOutcome::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// A fetch run report (`tardis.runs.<source>`), persisted by the writer.

@@ -1,22 +1,104 @@
-//! The fetcher's configuration: the common sections plus the sources.
+//! The fetcher's configuration: the command line (each flag also settable by an environment
+//! variable), the common sections, the sources, and optionally Postgres (read-only, for the
+//! written checkpoint).
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
 use tardis_common::app::ComponentConfig;
 use tardis_common::config::{CommonConfig, ConfigError, Env, Reader, SourcesConfig};
+use tardis_common::postgres::PostgresSettings;
 use tardis_common::telemetry::TelemetrySettings;
+
+/// Tardis fetcher: collects records from HTTP APIs into NATS JetStream.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fetcher", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand, PartialEq, Eq)]
+pub enum Command {
+    /// One pass over the selected sources (default: all), then exit: 0 when every source
+    /// succeeded (or was skipped because another fetcher holds it), 1 otherwise.
+    Run {
+        /// A source to fetch (repeatable).
+        #[arg(long = "source", env = "FETCH_SOURCES", value_delimiter = ',')]
+        sources: Vec<String>,
+    },
+    /// Stay up and run each source on its own schedule.
+    Daemon,
+    /// Fetch a historical window of one source without moving its cursor.
+    Backfill {
+        #[arg(long, env = "BACKFILL_SOURCE")]
+        source: String,
+        /// Start of the window (RFC 3339), inclusive.
+        #[arg(long, env = "BACKFILL_SINCE", value_parser = parse_time)]
+        since: DateTime<Utc>,
+        /// End of the window (RFC 3339), exclusive; default: no end.
+        #[arg(long, env = "BACKFILL_UNTIL", value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+    },
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Run { sources: Vec::new() }
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("{e}; give an RFC 3339 time such as 2026-01-01T00:00:00Z"))
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
     pub sources: SourcesConfig,
+    /// Present when `DATABASE_URL` or `PGHOST` is set.
+    pub postgres: Option<PostgresSettings>,
+    /// `FETCH_LEASE_TTL`: how long a run lease lasts without renewal (default 60 s).
+    pub lease_ttl: Duration,
+    pub command: Command,
 }
 
 impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::from_env_with(env, Command::default())
+    }
+
+    /// The configuration for `command` (validated against the sources).
+    pub fn from_env_with(env: &dyn Env, command: Command) -> Result<Self, ConfigError> {
         let mut r = Reader::new(env);
         let common = CommonConfig::read(&mut r, crate::COMPONENT);
         let sources = SourcesConfig::read(&mut r);
+        let postgres = (r.string("DATABASE_URL").is_some() || r.string("PGHOST").is_some())
+            .then(|| PostgresSettings::read(&mut r));
+        let lease_ttl = r.duration("FETCH_LEASE_TTL", Duration::from_secs(60));
+        let known = |name: &str| sources.sources.is_empty() || sources.source(name).is_some();
+        let names = || sources.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+        match &command {
+            Command::Run { sources: wanted } => {
+                for w in wanted.iter().filter(|w| !known(w)) {
+                    r.problem("--source", format!("unknown source {w:?}"), format!("use one of {}", names()));
+                }
+            }
+            Command::Backfill { source, since, until } => {
+                if !known(source) {
+                    r.problem("--source", format!("unknown source {source:?}"), format!("use one of {}", names()));
+                }
+                if until.is_some_and(|u| u <= *since) {
+                    r.problem("--until", "must be later than --since", "for example --since 2026-01-01T00:00:00Z --until 2026-02-01T00:00:00Z");
+                }
+            }
+            Command::Daemon => {}
+        }
         r.finish()?;
-        Ok(Self { common, sources })
+        Ok(Self { common, sources, postgres, lease_ttl, command })
     }
 }
 

@@ -1,5 +1,13 @@
 use std::process::ExitCode;
 
+use clap::Parser;
+
 fn main() -> ExitCode {
-    tardis_common::app::main(fetcher::COMPONENT, fetcher::Config::from_env, fetcher::run)
+    let cli = fetcher::config::Cli::parse();
+    let command = cli.command.unwrap_or_default();
+    tardis_common::app::main(
+        fetcher::COMPONENT,
+        |env| fetcher::Config::from_env_with(env, command),
+        fetcher::run,
+    )
 }

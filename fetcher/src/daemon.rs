@@ -1,0 +1,49 @@
+//! Daemon mode: each source runs on its own schedule (cron with time zone, or every
+//! `COLLECTION_INTERVAL`), one run at a time per source. A run that overruns its next slot
+//! makes that slot be skipped, not queued. SIGTERM interrupts runs between pages; their
+//! progress is kept.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tardis_common::config::SourcesConfig;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::collect::{Collector, Mode};
+
+pub async fn run(collector: &Collector, sources: &SourcesConfig, shutdown: &CancellationToken) {
+    let mut loops = JoinSet::new();
+    for source in &sources.sources {
+        let source = Arc::new(source.clone());
+        let collector = collector.clone();
+        let shutdown = shutdown.clone();
+        let chunk_size = sources.chunk_size;
+        loops.spawn(async move {
+            loop {
+                let now = Utc::now();
+                let Some(next) = source.schedule.next_after(now) else {
+                    warn!(source = %source.name, "the schedule never fires again; stopping this source");
+                    return;
+                };
+                info!(source = %source.name, next = %next.to_rfc3339(), "next run scheduled");
+                let wait = (next - now).to_std().unwrap_or_default();
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let report = collector.run_source(source.clone(), chunk_size, Mode::Incremental, &shutdown).await;
+                eprintln!("{}", report.summary());
+                if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+        });
+    }
+    while let Some(r) = loops.join_next().await {
+        if let Err(e) = r {
+            warn!(error = %e, "a source loop panicked");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! HTTP for one source: authentication, per-request timeout, rate limit, retries with
+//! backoff and `Retry-After`, bounded response size, and URLs with credentials removed.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LINK, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tardis_common::backoff::{parse_retry_after, Backoff};
+use tardis_common::config::{AuthType, SourceConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use url::Url;
+
+use crate::metrics::FetchMetrics;
+
+/// The largest response body read into memory (one page).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Waits between retries. The default sleeps; tests record the waits instead.
+pub trait Sleeper: Send + Sync + std::fmt::Debug {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// Sleeps on the Tokio clock.
+#[derive(Debug, Default)]
+pub struct TokioSleeper;
+
+impl Sleeper for TokioSleeper {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
+/// A page as received.
+#[derive(Debug)]
+pub struct Page {
+    pub body: Value,
+    pub link: Option<String>,
+    pub bytes: usize,
+}
+
+/// Why a request failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("source {source_name}: HTTP {status} from {url}: the credential was refused; check {credential_env} (auth_type {auth_type})")]
+    Unauthorized {
+        source_name: String,
+        auth_type: AuthType,
+        credential_env: String,
+        status: u16,
+        url: String,
+    },
+    #[error("source {source_name}: HTTP {status} from {url}: {body}")]
+    Status {
+        source_name: String,
+        status: u16,
+        url: String,
+        body: String,
+    },
+    #[error("source {source_name}: request to {url} failed: {error}")]
+    Transport {
+        source_name: String,
+        url: String,
+        error: String,
+    },
+    #[error("source {source_name}: the response from {url} is not JSON: {error}")]
+    NotJson {
+        source_name: String,
+        url: String,
+        error: String,
+    },
+    #[error("source {source_name}: unusable page from {url}: {problem}")]
+    BadPage {
+        source_name: String,
+        url: String,
+        problem: String,
+    },
+    #[error("source {source_name}: the response from {url} is larger than {limit} bytes")]
+    TooLarge {
+        source_name: String,
+        url: String,
+        limit: usize,
+    },
+    #[error("{last} (gave up after {attempts} attempts)")]
+    Exhausted { attempts: u32, last: Box<FetchError> },
+    #[error("source {source_name}: interrupted by shutdown")]
+    Cancelled { source_name: String },
+}
+
+enum Attempt {
+    Done(Page),
+    Retry { error: FetchError, retry_after: Option<Duration> },
+    Fail(FetchError),
+}
+
+/// The HTTP side of one source.
+#[derive(Debug)]
+pub struct SourceClient {
+    source: Arc<SourceConfig>,
+    http: reqwest::Client,
+    limiter: Option<DefaultDirectRateLimiter>,
+    backoff: Backoff,
+    sleeper: Arc<dyn Sleeper>,
+    metrics: FetchMetrics,
+}
+
+impl SourceClient {
+    pub fn new(source: Arc<SourceConfig>, metrics: FetchMetrics, sleeper: Arc<dyn Sleeper>) -> Result<Self, reqwest::Error> {
+        tardis_common::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(source.timeout)
+            .connect_timeout(source.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("tardis-fetcher/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let limiter = source.rate_limit.map(|rps| {
+            let quota = if rps >= 1.0 {
+                Quota::per_second(NonZeroU32::new(rps.floor() as u32).unwrap_or(NonZeroU32::MIN))
+            } else {
+                Quota::with_period(Duration::from_secs_f64(1.0 / rps)).unwrap_or(Quota::per_second(NonZeroU32::MIN))
+            };
+            RateLimiter::direct(quota.allow_burst(NonZeroU32::MIN))
+        });
+        let backoff = Backoff::new(source.retry_delay, source.retry_delay.saturating_mul(32).min(Duration::from_secs(600)));
+        Ok(Self { source, http, limiter, backoff, sleeper, metrics })
+    }
+
+    /// The URL with the credential attached, for sending.
+    fn authenticated(&self, url: &Url) -> Url {
+        let mut url = url.clone();
+        if self.source.auth_type == AuthType::ApiKeyQuery
+            && let Some(c) = &self.source.credential
+        {
+            url.query_pairs_mut().append_pair(&self.source.api_key_param, c.expose());
+        }
+        url
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::ACCEPT, HeaderValue::from_static("application/json"));
+        let Some(c) = &self.source.credential else {
+            return h;
+        };
+        let value = match self.source.auth_type {
+            AuthType::Bearer => Some((AUTHORIZATION.as_str().to_string(), format!("Bearer {}", c.expose()))),
+            AuthType::Basic => Some((
+                AUTHORIZATION.as_str().to_string(),
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c.expose())),
+            )),
+            AuthType::ApiKey => Some((self.source.api_key_header.clone(), c.expose().clone())),
+            AuthType::ApiKeyQuery | AuthType::None => None,
+        };
+        if let Some((name, value)) = value
+            && let (Ok(name), Ok(mut value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            )
+        {
+            value.set_sensitive(true);
+            h.insert(name, value);
+        }
+        h
+    }
+
+    /// `url` without credentials, for messages.
+    pub fn redact(&self, url: &Url) -> String {
+        redact_url(url, &[self.source.api_key_param.as_str()], self.source.auth_type == AuthType::ApiKeyQuery)
+    }
+
+    /// GETs `url`, retrying what can be retried, until it succeeds, fails for good, or
+    /// `shutdown` fires.
+    pub async fn get(&self, url: &Url, shutdown: &CancellationToken) -> Result<Page, FetchError> {
+        let name = &self.source.name;
+        let mut attempt = 0u32;
+        loop {
+            if let Some(l) = &self.limiter {
+                tokio::select! {
+                    () = l.until_ready() => {}
+                    () = shutdown.cancelled() => return Err(FetchError::Cancelled { source_name: name.clone() }),
+                }
+            }
+            let outcome = tokio::select! {
+                o = self.attempt(url) => o,
+                () = shutdown.cancelled() => return Err(FetchError::Cancelled { source_name: name.clone() }),
+            };
+            match outcome {
+                Attempt::Done(page) => return Ok(page),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry { error, retry_after } => {
+                    if attempt >= self.source.max_retries {
+                        return Err(FetchError::Exhausted { attempts: attempt + 1, last: Box::new(error) });
+                    }
+                    let delay = self.backoff.delay_honouring(attempt, retry_after);
+                    attempt += 1;
+                    self.metrics.retries.with_label_values(&[name]).inc();
+                    warn!(source = %name, %error, attempt, retry_in_ms = delay.as_millis() as u64, "request failed, retrying");
+                    tokio::select! {
+                        () = self.sleeper.sleep(delay) => {}
+                        () = shutdown.cancelled() => return Err(FetchError::Cancelled { source_name: name.clone() }),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, url: &Url) -> Attempt {
+        let name = self.source.name.clone();
+        let shown = self.redact(url);
+        let response = match self.http.get(self.authenticated(url)).headers(self.headers()).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let class = if e.is_timeout() { "timeout" } else { "connect" };
+                self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+                return Attempt::Retry {
+                    error: FetchError::Transport { source_name: name, url: shown, error: describe_reqwest(e) },
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let class = if status.is_client_error() { "4xx" } else if status.is_server_error() { "5xx" } else { "other" };
+            self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                return Attempt::Fail(FetchError::Unauthorized {
+                    source_name: name,
+                    auth_type: self.source.auth_type,
+                    credential_env: self.source.credential_env.clone(),
+                    status: status.as_u16(),
+                    url: shown,
+                });
+            }
+            let body: String = response.text().await.unwrap_or_default().chars().take(200).collect();
+            let error = FetchError::Status { source_name: name, status: status.as_u16(), url: shown, body };
+            return if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+                Attempt::Retry { error, retry_after }
+            } else {
+                Attempt::Fail(error)
+            };
+        }
+        let link = response.headers().get(LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(bytes)) => {
+                    if body.len() + bytes.len() > MAX_BODY_BYTES {
+                        return Attempt::Fail(FetchError::TooLarge { source_name: name, url: shown, limit: MAX_BODY_BYTES });
+                    }
+                    body.extend_from_slice(&bytes);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let class = if e.is_timeout() { "timeout" } else { "connect" };
+                    self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+                    return Attempt::Retry {
+                        error: FetchError::Transport { source_name: name, url: shown, error: describe_reqwest(e) },
+                        retry_after: None,
+                    };
+                }
+            }
+        }
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(value) => Attempt::Done(Page { body: value, link, bytes: body.len() }),
+            Err(e) => Attempt::Fail(FetchError::NotJson { source_name: name, url: shown, error: e.to_string() }),
+        }
+    }
+}
+
+/// A reqwest error with its causes, without the URL (it may hold a query credential; we
+/// print a redacted URL ourselves).
+fn describe_reqwest(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let text = tardis_common::error::chain(&e.without_url());
+    if timeout { format!("timed out ({text})") } else { text }
+}
+
+/// `url` without user info, and with the values of `secret_params` replaced by `***`.
+pub fn redact_url(url: &Url, secret_params: &[&str], redact_params: bool) -> String {
+    let mut u = url.clone();
+    // Both fail only for URLs that cannot have credentials, which then have none to remove.
+    if u.set_username("").is_err() || u.set_password(None).is_err() {
+        tracing::trace!("url has no credentials to remove");
+    }
+    if redact_params && u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret_params.contains(&k.as_ref()) { "***".to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
+}
