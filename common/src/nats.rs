@@ -793,7 +793,11 @@ pub async fn publish_durably(
             Err(error) => {
                 let delay = backoff.delay(attempt);
                 if tokio::time::Instant::now() + delay > deadline {
-                    return Err(PublishError::Failed { subject: subject.to_string(), attempts: attempt, error });
+                    return Err(PublishError::Failed {
+                        subject: subject.to_string(),
+                        attempts: attempt,
+                        error,
+                    });
                 }
                 warn!(subject, %error, attempt, "publish failed, retrying");
                 tokio::select! {

@@ -29,7 +29,10 @@ impl Checkpoints {
             }
         };
         match client
-            .query_opt("SELECT cursor, records_written FROM source_checkpoints WHERE source = $1", &[&source])
+            .query_opt(
+                "SELECT cursor, records_written FROM source_checkpoints WHERE source = $1",
+                &[&source],
+            )
             .await
         {
             Ok(row) => row.map(|r| (r.get::<_, Option<serde_json::Value>>(0), r.get::<_, i64>(1))),
@@ -47,10 +50,18 @@ impl Checkpoints {
     }
 
     /// Sets `tardis_fetch_records_in_flight` from the count published and the count written.
-    pub async fn update_in_flight(&self, source: &str, published_total: u64, metrics: &FetchMetrics) {
+    pub async fn update_in_flight(
+        &self,
+        source: &str,
+        published_total: u64,
+        metrics: &FetchMetrics,
+    ) {
         if let Some((_, written)) = self.row(source).await {
             let in_flight = (published_total as i64 - written).max(0);
-            metrics.in_flight.with_label_values(&[source]).set(in_flight);
+            metrics
+                .in_flight
+                .with_label_values(&[source])
+                .set(in_flight);
         }
     }
 }

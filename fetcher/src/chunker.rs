@@ -14,7 +14,11 @@ pub fn record_size(r: &SourceRecord) -> usize {
 /// Splits `records` into groups of at most `max_records` and at most `max_bytes` bytes (as
 /// estimated by [`record_size`] plus [`ENVELOPE_RESERVE`]). A record too large to fit any
 /// message alone is returned separately, so the caller can dead-letter it.
-pub fn split(records: Vec<SourceRecord>, max_records: usize, max_bytes: usize) -> (Vec<Vec<SourceRecord>>, Vec<SourceRecord>) {
+pub fn split(
+    records: Vec<SourceRecord>,
+    max_records: usize,
+    max_bytes: usize,
+) -> (Vec<Vec<SourceRecord>>, Vec<SourceRecord>) {
     let budget = max_bytes.saturating_sub(ENVELOPE_RESERVE).max(1);
     let max_records = max_records.max(1);
     let mut chunks = Vec::new();
@@ -56,17 +60,27 @@ mod tests {
     #[test]
     fn by_count() {
         let (chunks, big) = split((0..7).map(|i| rec(i, 10)).collect(), 3, 1 << 20);
-        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        assert_eq!(
+            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
         assert!(big.is_empty());
         let ids: Vec<String> = chunks.concat().into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, (0..7).map(|i| i.to_string()).collect::<Vec<_>>(), "order is kept");
+        assert_eq!(
+            ids,
+            (0..7).map(|i| i.to_string()).collect::<Vec<_>>(),
+            "order is kept"
+        );
     }
 
     #[test]
     fn by_bytes() {
         // Each record ~1100 bytes; 8 KiB messages leave 4 KiB: 3 per chunk.
         let (chunks, _) = split((0..7).map(|i| rec(i, 1000)).collect(), 1000, 8192);
-        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        assert_eq!(
+            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
         for c in &chunks {
             assert!(c.iter().map(record_size).sum::<usize>() <= 8192 - ENVELOPE_RESERVE);
         }

@@ -13,11 +13,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use tardis_common::config::{Pagination, SourceConfig};
 use tardis_common::messages::{
-    self, Cursor, DeadLetter, FetchRun, RecordChunk, RunOutcome, SourceRecord, Stage, SCHEMA_VERSION,
+    self, Cursor, DeadLetter, FetchRun, RecordChunk, RunOutcome, SCHEMA_VERSION, SourceRecord,
+    Stage,
 };
-use tardis_common::nats::{publish_durably, Names};
+use tardis_common::nats::{Names, publish_durably};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{Instrument, info, warn};
 
 use crate::chunker;
 use crate::cursor;
@@ -25,7 +26,7 @@ use crate::extract;
 use crate::http::{FetchError, Sleeper, SourceClient};
 use crate::metrics::FetchMetrics;
 use crate::pagination::{PageInfo, Pager};
-use crate::state::{lease_key, Acquired, CursorState, FetchState};
+use crate::state::{Acquired, CursorState, FetchState, lease_key};
 
 /// How long a publish may keep failing (NATS restarting, stream full) before the run fails.
 pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(120);
@@ -104,12 +105,22 @@ struct Progress {
 }
 
 fn new_run_id(now: DateTime<Utc>) -> String {
-    format!("{}-{:08x}", now.format("%Y%m%dT%H%M%SZ"), rand::random::<u32>())
+    format!(
+        "{}-{:08x}",
+        now.format("%Y%m%dT%H%M%SZ"),
+        rand::random::<u32>()
+    )
 }
 
 impl Collector {
     /// Runs `source` once. Never panics on bad input: every problem ends in the report.
-    pub async fn run_source(&self, source: Arc<SourceConfig>, chunk_size: u32, mode: Mode, shutdown: &CancellationToken) -> RunReport {
+    pub async fn run_source(
+        &self,
+        source: Arc<SourceConfig>,
+        chunk_size: u32,
+        mode: Mode,
+        shutdown: &CancellationToken,
+    ) -> RunReport {
         let started_at = Utc::now();
         let run_id = new_run_id(started_at);
         let span = tracing::info_span!("fetch_run", source = %source.name, run_id = %run_id);
@@ -185,7 +196,9 @@ impl Collector {
             }
         });
 
-        let result = self.collect(&source, chunk_size, &mode, &run_id, &mut report, &run_token).await;
+        let result = self
+            .collect(&source, chunk_size, &mode, &run_id, &mut report, &run_token)
+            .await;
         run_token.cancel();
         let held = match renewer.await {
             Ok(h) => Some(h),
@@ -196,7 +209,9 @@ impl Collector {
         };
         match result {
             Ok(()) => {}
-            Err(FetchError::Cancelled { .. }) if lease_lost.load(std::sync::atomic::Ordering::SeqCst) => {
+            Err(FetchError::Cancelled { .. })
+                if lease_lost.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
                 report.outcome = RunOutcome::Failed;
                 report.error = Some("the run lease was lost to another fetcher".into());
             }
@@ -228,12 +243,15 @@ impl Collector {
         report: &mut RunReport,
         token: &CancellationToken,
     ) -> Result<(), FetchError> {
-        let client = SourceClient::new(Arc::new(source.clone()), self.metrics.clone(), self.sleeper.clone()).map_err(|e| {
-            FetchError::Transport {
-                source_name: source.name.clone(),
-                url: source.url.to_string(),
-                error: format!("cannot build the HTTP client: {e}"),
-            }
+        let client = SourceClient::new(
+            Arc::new(source.clone()),
+            self.metrics.clone(),
+            self.sleeper.clone(),
+        )
+        .map_err(|e| FetchError::Transport {
+            source_name: source.name.clone(),
+            url: source.url.to_string(),
+            error: format!("cannot build the HTTP client: {e}"),
         })?;
         let saved = match mode {
             Mode::Incremental => self.starting_cursor(&source.name).await?,
@@ -248,13 +266,22 @@ impl Collector {
             cursor: start_cursor.clone(),
             published_total: saved.as_ref().map_or(0, |s| s.published_total),
         };
-        let (params, start_token) = incremental_params(source, mode, start_cursor.as_ref(), Utc::now());
-        let page_size = source.page_size.min(chunk_size.max(1)).max(1);
-        let mut pager = Pager::new(source.pagination.clone(), source.url.clone(), params, page_size, start_token);
+        let (params, start_token) =
+            incremental_params(source, mode, start_cursor.as_ref(), Utc::now());
+        let mut pager = Pager::new(
+            source.pagination.clone(),
+            source.url.clone(),
+            params,
+            source.page_size.max(1),
+            start_token,
+        );
         let mut url = pager.first();
         let result = loop {
             if progress.pages >= u64::from(source.max_pages) {
-                warn!(max_pages = source.max_pages, "max_pages reached; the rest follows in the next run");
+                warn!(
+                    max_pages = source.max_pages,
+                    "max_pages reached; the rest follows in the next run"
+                );
                 break Ok(());
             }
             let page = match client.get(&url, token).await {
@@ -264,7 +291,10 @@ impl Collector {
             progress.pages += 1;
             progress.bytes += page.bytes as u64;
             self.metrics.pages.with_label_values(&[&source.name]).inc();
-            self.metrics.bytes.with_label_values(&[&source.name]).inc_by(page.bytes as u64);
+            self.metrics
+                .bytes
+                .with_label_values(&[&source.name])
+                .inc_by(page.bytes as u64);
             let records = match extract::records(
                 &page.body,
                 &source.records_pointer,
@@ -286,23 +316,44 @@ impl Collector {
                 .into_iter()
                 .filter(|r| match mode {
                     Mode::Incremental => cursor::is_after(r, start_cursor.as_ref()),
-                    Mode::Backfill { since, until } => r.updated_at.is_none_or(|t| t >= *since && until.is_none_or(|u| t < u)),
+                    Mode::Backfill { since, until } => r
+                        .updated_at
+                        .is_none_or(|t| t >= *since && until.is_none_or(|u| t < u)),
                 })
                 .collect();
             let beyond_window = match mode {
                 Mode::Backfill { until: Some(u), .. } => {
-                    on_page > 0 && wanted.is_empty() && source.updated_at_pointer.is_some()
+                    on_page > 0
+                        && wanted.is_empty()
+                        && source.updated_at_pointer.is_some()
                         && page_all_after(&page.body, source, u)
                 }
                 _ => false,
             };
-            if let Err(e) = self.publish_page(source, chunk_size, mode, run_id, wanted, token_for_page, &mut progress, token).await {
+            if let Err(e) = self
+                .publish_page(
+                    source,
+                    chunk_size,
+                    mode,
+                    run_id,
+                    wanted,
+                    token_for_page,
+                    &mut progress,
+                    token,
+                )
+                .await
+            {
                 break Err(e);
             }
             if beyond_window {
                 break Ok(());
             }
-            let info = PageInfo { url: &url, body: &page.body, link: page.link.as_deref(), records: on_page };
+            let info = PageInfo {
+                url: &url,
+                body: &page.body,
+                link: page.link.as_deref(),
+                records: on_page,
+            };
             match pager.next(&info) {
                 Some(next) => url = next,
                 None => break Ok(()),
@@ -314,7 +365,8 @@ impl Collector {
         report.bytes = progress.bytes;
         report.cursor_after = progress.cursor.clone();
         if let Some(cp) = &self.checkpoints {
-            cp.update_in_flight(&source.name, progress.published_total, &self.metrics).await;
+            cp.update_in_flight(&source.name, progress.published_total, &self.metrics)
+                .await;
         }
         result
     }
@@ -325,14 +377,25 @@ impl Collector {
             Ok(Some(s)) => return Ok(Some(s)),
             Ok(None) => {}
             Err(e) => {
-                return Err(FetchError::Transport { source_name: source.into(), url: "fetch state".into(), error: e.to_string() });
+                return Err(FetchError::Transport {
+                    source_name: source.into(),
+                    url: "fetch state".into(),
+                    error: e.to_string(),
+                });
             }
         }
         if let Some(cp) = &self.checkpoints
             && let Some(cursor) = cp.cursor(source).await
         {
-            info!(?cursor, "no fetch state; starting from the written checkpoint in Postgres");
-            return Ok(Some(CursorState { cursor: Some(cursor), published_total: 0, updated_at: Utc::now() }));
+            info!(
+                ?cursor,
+                "no fetch state; starting from the written checkpoint in Postgres"
+            );
+            return Ok(Some(CursorState {
+                cursor: Some(cursor),
+                published_total: 0,
+                updated_at: Utc::now(),
+            }));
         }
         Ok(None)
     }
@@ -350,9 +413,11 @@ impl Collector {
         progress: &mut Progress,
         token: &CancellationToken,
     ) -> Result<(), FetchError> {
-        let (groups, oversized) = chunker::split(records, chunk_size.max(1) as usize, self.max_payload);
+        let (groups, oversized) =
+            chunker::split(records, chunk_size.max(1) as usize, self.max_payload);
         for record in oversized {
-            self.dead_letter_oversized(source, run_id, record, token).await?;
+            self.dead_letter_oversized(source, run_id, record, token)
+                .await?;
         }
         let mut queue: std::collections::VecDeque<Vec<SourceRecord>> = groups.into();
         while let Some(group) = queue.pop_front() {
@@ -361,7 +426,10 @@ impl Collector {
                 Mode::Incremental if source.updated_at_pointer.is_some() => {
                     cursor::later(progress.cursor.clone(), cursor::max_position(&group))
                 }
-                Mode::Incremental => page_token.clone().map(|token| Cursor::Token { token }).or(progress.cursor.clone()),
+                Mode::Incremental => page_token
+                    .clone()
+                    .map(|token| Cursor::Token { token })
+                    .or(progress.cursor.clone()),
             };
             let chunk = RecordChunk {
                 schema_version: SCHEMA_VERSION,
@@ -383,9 +451,16 @@ impl Collector {
                 continue;
             }
             let subject = self.names.records_subject(&source.name);
-            let ack = publish_durably(&self.js, &subject, &chunk.msg_id(), bytes.into(), PUBLISH_PATIENCE, token)
-                .await
-                .map_err(|e| publish_error(source, e))?;
+            let ack = publish_durably(
+                &self.js,
+                &subject,
+                &chunk.msg_id(),
+                bytes.into(),
+                PUBLISH_PATIENCE,
+                token,
+            )
+            .await
+            .map_err(|e| publish_error(source, e))?;
             let n = chunk.records.len() as u64;
             progress.chunks += 1;
             if ack.duplicate {
@@ -393,28 +468,48 @@ impl Collector {
             } else {
                 progress.records += n;
                 progress.published_total += n;
-                self.metrics.records.with_label_values(&[&source.name]).inc_by(n);
+                self.metrics
+                    .records
+                    .with_label_values(&[&source.name])
+                    .inc_by(n);
             }
             self.metrics.chunks.with_label_values(&[&source.name]).inc();
             if matches!(mode, Mode::Incremental) {
                 progress.cursor = cursor_after.clone();
-                let state = CursorState { cursor: cursor_after, published_total: progress.published_total, updated_at: Utc::now() };
-                self.state.save_cursor(&source.name, &state).await.map_err(|e| FetchError::Transport {
-                    source_name: source.name.clone(),
-                    url: "fetch state".into(),
-                    error: e.to_string(),
-                })?;
+                let state = CursorState {
+                    cursor: cursor_after,
+                    published_total: progress.published_total,
+                    updated_at: Utc::now(),
+                };
+                self.state
+                    .save_cursor(&source.name, &state)
+                    .await
+                    .map_err(|e| FetchError::Transport {
+                        source_name: source.name.clone(),
+                        url: "fetch state".into(),
+                        error: e.to_string(),
+                    })?;
             }
         }
         Ok(())
     }
 
-    async fn dead_letter_oversized(&self, source: &SourceConfig, run_id: &str, record: SourceRecord, token: &CancellationToken) -> Result<(), FetchError> {
+    async fn dead_letter_oversized(
+        &self,
+        source: &SourceConfig,
+        run_id: &str,
+        record: SourceRecord,
+        token: &CancellationToken,
+    ) -> Result<(), FetchError> {
         let size = record.payload.get().len();
         let head: String = record.payload.get().chars().take(4096).collect();
         let stub = serde_json::json!({"truncated": true, "original_bytes": size, "head": head});
         let payload = RawValue::from_string(stub.to_string()).map_err(|e| internal(source, e))?;
-        let record = SourceRecord { id: record.id, updated_at: record.updated_at, payload };
+        let record = SourceRecord {
+            id: record.id,
+            updated_at: record.updated_at,
+            payload,
+        };
         let letter = DeadLetter {
             schema_version: SCHEMA_VERSION,
             source: source.name.clone(),
@@ -422,7 +517,10 @@ impl Collector {
             chunk_id: messages::chunk_id(&source.name, std::slice::from_ref(&record)),
             run_id: run_id.to_string(),
             record,
-            reason: format!("record is {size} bytes, more than the NATS max payload of {} bytes", self.max_payload),
+            reason: format!(
+                "record is {size} bytes, more than the NATS max payload of {} bytes",
+                self.max_payload
+            ),
             attempts: 1,
             last_error: None,
             failed_at: Utc::now(),
@@ -430,10 +528,20 @@ impl Collector {
         warn!(record_id = %letter.record.id, size, "record too large for NATS, dead-lettered");
         let bytes = messages::encode(&letter).map_err(|e| internal(source, e))?;
         let subject = self.names.dlq_subject(Stage::Fetch, &source.name);
-        publish_durably(&self.js, &subject, &letter.msg_id(), bytes.into(), PUBLISH_PATIENCE, token)
-            .await
-            .map_err(|e| publish_error(source, e))?;
-        self.metrics.oversized.with_label_values(&[&source.name]).inc();
+        publish_durably(
+            &self.js,
+            &subject,
+            &letter.msg_id(),
+            bytes.into(),
+            PUBLISH_PATIENCE,
+            token,
+        )
+        .await
+        .map_err(|e| publish_error(source, e))?;
+        self.metrics
+            .oversized
+            .with_label_values(&[&source.name])
+            .inc();
         Ok(())
     }
 
@@ -443,10 +551,19 @@ impl Collector {
         let outcome = report.outcome.as_str();
         let name = report.source.clone();
         self.metrics.runs.with_label_values(&[&name, outcome]).inc();
-        let secs = (report.finished_at - report.started_at).num_milliseconds().max(0) as f64 / 1000.0;
-        self.metrics.run_duration.with_label_values(&[&name, outcome]).observe(secs);
+        let secs = (report.finished_at - report.started_at)
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0;
+        self.metrics
+            .run_duration
+            .with_label_values(&[&name, outcome])
+            .observe(secs);
         if report.outcome == RunOutcome::Succeeded {
-            self.metrics.last_success.with_label_values(&[&name]).set(report.finished_at.timestamp());
+            self.metrics
+                .last_success
+                .with_label_values(&[&name])
+                .set(report.finished_at.timestamp());
         }
         let run = FetchRun {
             schema_version: SCHEMA_VERSION,
@@ -476,7 +593,16 @@ impl Collector {
         match messages::encode(&run) {
             Ok(bytes) => {
                 let subject = self.names.runs_subject(&name);
-                if let Err(error) = publish_durably(&self.js, &subject, &run.msg_id(), bytes.into(), Duration::from_secs(30), &grace).await {
+                if let Err(error) = publish_durably(
+                    &self.js,
+                    &subject,
+                    &run.msg_id(),
+                    bytes.into(),
+                    Duration::from_secs(30),
+                    &grace,
+                )
+                .await
+                {
                     warn!(%error, "publishing the run report failed");
                 }
             }
@@ -494,7 +620,12 @@ impl Collector {
 }
 
 /// The incremental query parameters and the starting token of a run.
-pub fn incremental_params(source: &SourceConfig, mode: &Mode, cursor: Option<&Cursor>, now: DateTime<Utc>) -> (Vec<(String, String)>, Option<String>) {
+pub fn incremental_params(
+    source: &SourceConfig,
+    mode: &Mode,
+    cursor: Option<&Cursor>,
+    now: DateTime<Utc>,
+) -> (Vec<(String, String)>, Option<String>) {
     let mut params = Vec::new();
     let fmt = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
     let mut token = None;
@@ -512,7 +643,9 @@ pub fn incremental_params(source: &SourceConfig, mode: &Mode, cursor: Option<&Cu
             }
             None
         }
-        (Mode::Incremental, None) => chrono::Duration::from_std(source.initial_lookback).ok().map(|d| now - d),
+        (Mode::Incremental, None) => chrono::Duration::from_std(source.initial_lookback)
+            .ok()
+            .map(|d| now - d),
     };
     if let (Some(p), Some(since)) = (&source.since_param, since) {
         params.insert(0, (p.clone(), fmt(&since)));
@@ -521,18 +654,33 @@ pub fn incremental_params(source: &SourceConfig, mode: &Mode, cursor: Option<&Cu
 }
 
 fn page_all_after(body: &serde_json::Value, source: &SourceConfig, until: &DateTime<Utc>) -> bool {
-    extract::records(body, &source.records_pointer, &source.id_pointer, source.updated_at_pointer.as_deref())
-        .map(|rs| rs.iter().all(|r| r.updated_at.is_some_and(|t| t >= *until)))
-        .unwrap_or(false)
+    extract::records(
+        body,
+        &source.records_pointer,
+        &source.id_pointer,
+        source.updated_at_pointer.as_deref(),
+    )
+    .map(|rs| rs.iter().all(|r| r.updated_at.is_some_and(|t| t >= *until)))
+    .unwrap_or(false)
 }
 
 fn internal(source: &SourceConfig, e: impl std::fmt::Display) -> FetchError {
-    FetchError::Transport { source_name: source.name.clone(), url: "internal".into(), error: e.to_string() }
+    FetchError::Transport {
+        source_name: source.name.clone(),
+        url: "internal".into(),
+        error: e.to_string(),
+    }
 }
 
 fn publish_error(source: &SourceConfig, e: tardis_common::nats::PublishError) -> FetchError {
     match e {
-        tardis_common::nats::PublishError::Cancelled { .. } => FetchError::Cancelled { source_name: source.name.clone() },
-        other => FetchError::Transport { source_name: source.name.clone(), url: "NATS".into(), error: other.to_string() },
+        tardis_common::nats::PublishError::Cancelled { .. } => FetchError::Cancelled {
+            source_name: source.name.clone(),
+        },
+        other => FetchError::Transport {
+            source_name: source.name.clone(),
+            url: "NATS".into(),
+            error: other.to_string(),
+        },
     }
 }

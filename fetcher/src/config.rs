@@ -29,7 +29,11 @@ pub enum Command {
         sources: Vec<String>,
     },
     /// Stay up and run each source on its own schedule.
-    Daemon,
+    Daemon {
+        /// Also run every source once at start, before waiting for its schedule.
+        #[arg(long, env = "FETCH_RUN_AT_START")]
+        run_at_start: bool,
+    },
     /// Fetch a historical window of one source without moving its cursor.
     Backfill {
         #[arg(long, env = "BACKFILL_SOURCE")]
@@ -45,7 +49,9 @@ pub enum Command {
 
 impl Default for Command {
     fn default() -> Self {
-        Command::Run { sources: Vec::new() }
+        Command::Run {
+            sources: Vec::new(),
+        }
     }
 }
 
@@ -80,25 +86,54 @@ impl Config {
             .then(|| PostgresSettings::read(&mut r));
         let lease_ttl = r.duration("FETCH_LEASE_TTL", Duration::from_secs(60));
         let known = |name: &str| sources.sources.is_empty() || sources.source(name).is_some();
-        let names = || sources.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            sources
+                .sources
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match &command {
             Command::Run { sources: wanted } => {
                 for w in wanted.iter().filter(|w| !known(w)) {
-                    r.problem("--source", format!("unknown source {w:?}"), format!("use one of {}", names()));
+                    r.problem(
+                        "--source",
+                        format!("unknown source {w:?}"),
+                        format!("use one of {}", names()),
+                    );
                 }
             }
-            Command::Backfill { source, since, until } => {
+            Command::Backfill {
+                source,
+                since,
+                until,
+            } => {
                 if !known(source) {
-                    r.problem("--source", format!("unknown source {source:?}"), format!("use one of {}", names()));
+                    r.problem(
+                        "--source",
+                        format!("unknown source {source:?}"),
+                        format!("use one of {}", names()),
+                    );
                 }
                 if until.is_some_and(|u| u <= *since) {
-                    r.problem("--until", "must be later than --since", "for example --since 2026-01-01T00:00:00Z --until 2026-02-01T00:00:00Z");
+                    r.problem(
+                        "--until",
+                        "must be later than --since",
+                        "for example --since 2026-01-01T00:00:00Z --until 2026-02-01T00:00:00Z",
+                    );
                 }
             }
-            Command::Daemon => {}
+            Command::Daemon { .. } => {}
         }
         r.finish()?;
-        Ok(Self { common, sources, postgres, lease_ttl, command })
+        Ok(Self {
+            common,
+            sources,
+            postgres,
+            lease_ttl,
+            command,
+        })
     }
 }
 

@@ -16,7 +16,10 @@ pub fn compare_ids(a: &str, b: &str) -> Ordering {
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
     if numeric(a) && numeric(b) {
         let (ta, tb) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-        ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb)).then_with(|| a.cmp(b))
+        ta.len()
+            .cmp(&tb.len())
+            .then_with(|| ta.cmp(tb))
+            .then_with(|| a.cmp(b))
     } else {
         a.cmp(b)
     }
@@ -41,13 +44,25 @@ pub fn is_after(record: &SourceRecord, cursor: Option<&Cursor>) -> bool {
 pub fn later(current: Option<Cursor>, candidate: Option<Cursor>) -> Option<Cursor> {
     match (current, candidate) {
         (
-            Some(Cursor::Position { updated_at: a, id: ia }),
-            Some(Cursor::Position { updated_at: b, id: ib }),
+            Some(Cursor::Position {
+                updated_at: a,
+                id: ia,
+            }),
+            Some(Cursor::Position {
+                updated_at: b,
+                id: ib,
+            }),
         ) => {
             if compare_positions((&b, &ib), (&a, &ia)) == Ordering::Greater {
-                Some(Cursor::Position { updated_at: b, id: ib })
+                Some(Cursor::Position {
+                    updated_at: b,
+                    id: ib,
+                })
             } else {
-                Some(Cursor::Position { updated_at: a, id: ia })
+                Some(Cursor::Position {
+                    updated_at: a,
+                    id: ia,
+                })
             }
         }
         (current, None) => current,
@@ -88,17 +103,31 @@ mod tests {
     fn numeric_ids_compare_as_numbers() {
         assert_eq!(compare_ids("9", "10"), Ordering::Less);
         assert_eq!(compare_ids("10", "9"), Ordering::Greater);
-        assert_eq!(compare_ids("007", "7"), Ordering::Less, "stable for leading zeros");
+        assert_eq!(
+            compare_ids("007", "7"),
+            Ordering::Less,
+            "stable for leading zeros"
+        );
         assert_eq!(compare_ids("abc", "abd"), Ordering::Less);
-        assert_eq!(compare_ids("a9", "a10"), Ordering::Greater, "text ids compare as text");
+        assert_eq!(
+            compare_ids("a9", "a10"),
+            Ordering::Greater,
+            "text ids compare as text"
+        );
     }
 
     #[test]
     fn ties_on_updated_at_are_split_by_id() {
-        let cursor = Cursor::Position { updated_at: at("2026-01-01T00:00:00Z"), id: "2".into() };
+        let cursor = Cursor::Position {
+            updated_at: at("2026-01-01T00:00:00Z"),
+            id: "2".into(),
+        };
         let t = "2026-01-01T00:00:00Z";
         assert!(!is_after(&rec("1", t), Some(&cursor)));
-        assert!(!is_after(&rec("2", t), Some(&cursor)), "the cursor record itself is done");
+        assert!(
+            !is_after(&rec("2", t), Some(&cursor)),
+            "the cursor record itself is done"
+        );
         assert!(is_after(&rec("3", t), Some(&cursor)));
         assert!(is_after(&rec("10", t), Some(&cursor)));
         assert!(is_after(&rec("1", "2026-01-01T00:00:01Z"), Some(&cursor)));
@@ -108,8 +137,14 @@ mod tests {
 
     #[test]
     fn cursors_only_move_forward() {
-        let a = Cursor::Position { updated_at: at("2026-01-01T00:00:00Z"), id: "5".into() };
-        let b = Cursor::Position { updated_at: at("2026-01-01T00:00:00Z"), id: "4".into() };
+        let a = Cursor::Position {
+            updated_at: at("2026-01-01T00:00:00Z"),
+            id: "5".into(),
+        };
+        let b = Cursor::Position {
+            updated_at: at("2026-01-01T00:00:00Z"),
+            id: "4".into(),
+        };
         assert_eq!(later(Some(a.clone()), Some(b.clone())), Some(a.clone()));
         assert_eq!(later(Some(b), Some(a.clone())), Some(a.clone()));
         assert_eq!(later(Some(a.clone()), None), Some(a));
@@ -119,10 +154,17 @@ mod tests {
 
     #[test]
     fn max_position_of_a_chunk() {
-        let records = [rec("3", "2026-01-01T00:00:00Z"), rec("12", "2026-01-01T00:00:00Z"), rec("1", "2025-01-01T00:00:00Z")];
+        let records = [
+            rec("3", "2026-01-01T00:00:00Z"),
+            rec("12", "2026-01-01T00:00:00Z"),
+            rec("1", "2025-01-01T00:00:00Z"),
+        ];
         assert_eq!(
             max_position(&records),
-            Some(Cursor::Position { updated_at: at("2026-01-01T00:00:00Z"), id: "12".into() })
+            Some(Cursor::Position {
+                updated_at: at("2026-01-01T00:00:00Z"),
+                id: "12".into()
+            })
         );
     }
 }

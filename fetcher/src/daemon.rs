@@ -1,4 +1,4 @@
-//! Daemon mode: each source runs on its own schedule (cron with time zone, or every
+//! Daemon mode (optionally one run of every source at start, then): each source runs on its own schedule (cron with time zone, or every
 //! `COLLECTION_INTERVAL`), one run at a time per source. A run that overruns its next slot
 //! makes that slot be skipped, not queued. SIGTERM interrupts runs between pages; their
 //! progress is kept.
@@ -13,7 +13,12 @@ use tracing::{info, warn};
 
 use crate::collect::{Collector, Mode};
 
-pub async fn run(collector: &Collector, sources: &SourcesConfig, shutdown: &CancellationToken) {
+pub async fn run(
+    collector: &Collector,
+    sources: &SourcesConfig,
+    run_at_start: bool,
+    shutdown: &CancellationToken,
+) {
     let mut loops = JoinSet::new();
     for source in &sources.sources {
         let source = Arc::new(source.clone());
@@ -21,6 +26,10 @@ pub async fn run(collector: &Collector, sources: &SourcesConfig, shutdown: &Canc
         let shutdown = shutdown.clone();
         let chunk_size = sources.chunk_size;
         loops.spawn(async move {
+            if run_at_start {
+                let report = collector.run_source(source.clone(), chunk_size, Mode::Incremental, &shutdown).await;
+                eprintln!("{}", report.summary());
+            }
             loop {
                 let now = Utc::now();
                 let Some(next) = source.schedule.next_after(now) else {

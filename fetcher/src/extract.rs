@@ -29,7 +29,11 @@ pub fn records(
     id_pointer: &str,
     updated_at_pointer: Option<&str>,
 ) -> Result<Vec<SourceRecord>, ExtractError> {
-    let pointer = if records_pointer == "/" { "" } else { records_pointer };
+    let pointer = if records_pointer == "/" {
+        ""
+    } else {
+        records_pointer
+    };
     let items = body
         .pointer(pointer)
         .and_then(Value::as_array)
@@ -70,8 +74,13 @@ pub fn records(
                     }
                 }
             };
-            let payload = serde_json::value::to_raw_value(item).map_err(|_| ExtractError::NotAnObject { index })?;
-            Ok(SourceRecord { id, updated_at, payload })
+            let payload = serde_json::value::to_raw_value(item)
+                .map_err(|_| ExtractError::NotAnObject { index })?;
+            Ok(SourceRecord {
+                id,
+                updated_at,
+                payload,
+            })
         })
         .collect()
 }
@@ -110,38 +119,63 @@ mod tests {
         ], "pagination": {"total_pages": 1}});
         let r = records(&body, "/data", "/id", Some("/updated_at")).unwrap();
         assert_eq!(r[0].id, "7");
-        assert_eq!(r[0].payload.get(), r#"{"id":7,"updated_at":"2026-11-01T10:00:00Z","price":1.5}"#);
+        assert_eq!(
+            r[0].payload.get(),
+            r#"{"id":7,"updated_at":"2026-11-01T10:00:00Z","price":1.5}"#
+        );
         assert_eq!(r[1].id, "abc");
-        assert_eq!(r[1].updated_at.unwrap().to_rfc3339(), "2026-11-01T09:00:00.250+00:00");
+        assert_eq!(
+            r[1].updated_at.unwrap().to_rfc3339(),
+            "2026-11-01T09:00:00.250+00:00"
+        );
     }
 
     #[test]
     fn problems_name_the_record_and_the_pointer() {
         let body = json!({"items": []});
         assert_eq!(
-            records(&body, "/data", "/id", None).unwrap_err().to_string(),
+            records(&body, "/data", "/id", None)
+                .unwrap_err()
+                .to_string(),
             "the response has no records array at /data"
         );
-        let body = json!({"data": [{"id": 1, "updated_at": "2026-11-01T10:00:00Z"}, {"name": "x"}]});
+        let body =
+            json!({"data": [{"id": 1, "updated_at": "2026-11-01T10:00:00Z"}, {"name": "x"}]});
         assert_eq!(
-            records(&body, "/data", "/id", None).unwrap_err().to_string(),
+            records(&body, "/data", "/id", None)
+                .unwrap_err()
+                .to_string(),
             "record #1 has no id at /id"
         );
         let body = json!({"data": [{"id": 1, "updated_at": "yesterday"}]});
         assert_eq!(
-            records(&body, "/data", "/id", Some("/updated_at")).unwrap_err().to_string(),
+            records(&body, "/data", "/id", Some("/updated_at"))
+                .unwrap_err()
+                .to_string(),
             "record #0 (id 1) has no usable updated_at at /updated_at: \"yesterday\""
         );
         let body = json!({"data": [3]});
-        assert!(matches!(records(&body, "/data", "/id", None), Err(ExtractError::NotAnObject { index: 0 })));
+        assert!(matches!(
+            records(&body, "/data", "/id", None),
+            Err(ExtractError::NotAnObject { index: 0 })
+        ));
     }
 
     #[test]
     fn times_in_several_shapes() {
         let t = |v: Value| parse_time(&v).map(|t| t.to_rfc3339());
-        assert_eq!(t(json!(1_700_000_000)), Some("2023-11-14T22:13:20+00:00".into()));
-        assert_eq!(t(json!(1_700_000_000_500i64)), Some("2023-11-14T22:13:20.500+00:00".into()));
-        assert_eq!(t(json!("2026-11-01 10:00:00")), Some("2026-11-01T10:00:00+00:00".into()));
+        assert_eq!(
+            t(json!(1_700_000_000)),
+            Some("2023-11-14T22:13:20+00:00".into())
+        );
+        assert_eq!(
+            t(json!(1_700_000_000_500i64)),
+            Some("2023-11-14T22:13:20.500+00:00".into())
+        );
+        assert_eq!(
+            t(json!("2026-11-01 10:00:00")),
+            Some("2026-11-01T10:00:00+00:00".into())
+        );
         assert_eq!(t(json!(null)), None);
     }
 }

@@ -9,10 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LINK, RETRY_AFTER};
 use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LINK, RETRY_AFTER};
 use serde_json::Value;
-use tardis_common::backoff::{parse_retry_after, Backoff};
+use tardis_common::backoff::{Backoff, parse_retry_after};
 use tardis_common::config::{AuthType, SourceConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -49,7 +49,9 @@ pub struct Page {
 /// Why a request failed for good.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("source {source_name}: HTTP {status} from {url}: the credential was refused; check {credential_env} (auth_type {auth_type})")]
+    #[error(
+        "source {source_name}: HTTP {status} from {url}: the credential was refused; check {credential_env} (auth_type {auth_type})"
+    )]
     Unauthorized {
         source_name: String,
         auth_type: AuthType,
@@ -89,14 +91,20 @@ pub enum FetchError {
         limit: usize,
     },
     #[error("{last} (gave up after {attempts} attempts)")]
-    Exhausted { attempts: u32, last: Box<FetchError> },
+    Exhausted {
+        attempts: u32,
+        last: Box<FetchError>,
+    },
     #[error("source {source_name}: interrupted by shutdown")]
     Cancelled { source_name: String },
 }
 
 enum Attempt {
     Done(Page),
-    Retry { error: FetchError, retry_after: Option<Duration> },
+    Retry {
+        error: FetchError,
+        retry_after: Option<Duration>,
+    },
     Fail(FetchError),
 }
 
@@ -112,7 +120,11 @@ pub struct SourceClient {
 }
 
 impl SourceClient {
-    pub fn new(source: Arc<SourceConfig>, metrics: FetchMetrics, sleeper: Arc<dyn Sleeper>) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        source: Arc<SourceConfig>,
+        metrics: FetchMetrics,
+        sleeper: Arc<dyn Sleeper>,
+    ) -> Result<Self, reqwest::Error> {
         tardis_common::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(source.timeout)
@@ -123,12 +135,26 @@ impl SourceClient {
             let quota = if rps >= 1.0 {
                 Quota::per_second(NonZeroU32::new(rps.floor() as u32).unwrap_or(NonZeroU32::MIN))
             } else {
-                Quota::with_period(Duration::from_secs_f64(1.0 / rps)).unwrap_or(Quota::per_second(NonZeroU32::MIN))
+                Quota::with_period(Duration::from_secs_f64(1.0 / rps))
+                    .unwrap_or(Quota::per_second(NonZeroU32::MIN))
             };
             RateLimiter::direct(quota.allow_burst(NonZeroU32::MIN))
         });
-        let backoff = Backoff::new(source.retry_delay, source.retry_delay.saturating_mul(32).min(Duration::from_secs(600)));
-        Ok(Self { source, http, limiter, backoff, sleeper, metrics })
+        let backoff = Backoff::new(
+            source.retry_delay,
+            source
+                .retry_delay
+                .saturating_mul(32)
+                .min(Duration::from_secs(600)),
+        );
+        Ok(Self {
+            source,
+            http,
+            limiter,
+            backoff,
+            sleeper,
+            metrics,
+        })
     }
 
     /// The URL with the credential attached, for sending.
@@ -137,22 +163,32 @@ impl SourceClient {
         if self.source.auth_type == AuthType::ApiKeyQuery
             && let Some(c) = &self.source.credential
         {
-            url.query_pairs_mut().append_pair(&self.source.api_key_param, c.expose());
+            url.query_pairs_mut()
+                .append_pair(&self.source.api_key_param, c.expose());
         }
         url
     }
 
     fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(reqwest::header::ACCEPT, HeaderValue::from_static("application/json"));
+        h.insert(
+            reqwest::header::ACCEPT,
+            HeaderValue::from_static("application/json"),
+        );
         let Some(c) = &self.source.credential else {
             return h;
         };
         let value = match self.source.auth_type {
-            AuthType::Bearer => Some((AUTHORIZATION.as_str().to_string(), format!("Bearer {}", c.expose()))),
+            AuthType::Bearer => Some((
+                AUTHORIZATION.as_str().to_string(),
+                format!("Bearer {}", c.expose()),
+            )),
             AuthType::Basic => Some((
                 AUTHORIZATION.as_str().to_string(),
-                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c.expose())),
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(c.expose())
+                ),
             )),
             AuthType::ApiKey => Some((self.source.api_key_header.clone(), c.expose().clone())),
             AuthType::ApiKeyQuery | AuthType::None => None,
@@ -170,8 +206,13 @@ impl SourceClient {
     }
 
     /// `url` without credentials, for messages.
+    /// `url` as sent (with the query credential, if any), credentials shown as `***`.
     pub fn redact(&self, url: &Url) -> String {
-        redact_url(url, &[self.source.api_key_param.as_str()], self.source.auth_type == AuthType::ApiKeyQuery)
+        redact_url(
+            &self.authenticated(url),
+            &[self.source.api_key_param.as_str()],
+            self.source.auth_type == AuthType::ApiKeyQuery,
+        )
     }
 
     /// GETs `url`, retrying what can be retried, until it succeeds, fails for good, or
@@ -195,7 +236,10 @@ impl SourceClient {
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry { error, retry_after } => {
                     if attempt >= self.source.max_retries {
-                        return Err(FetchError::Exhausted { attempts: attempt + 1, last: Box::new(error) });
+                        return Err(FetchError::Exhausted {
+                            attempts: attempt + 1,
+                            last: Box::new(error),
+                        });
                     }
                     let delay = self.backoff.delay_honouring(attempt, retry_after);
                     attempt += 1;
@@ -213,21 +257,43 @@ impl SourceClient {
     async fn attempt(&self, url: &Url) -> Attempt {
         let name = self.source.name.clone();
         let shown = self.redact(url);
-        let response = match self.http.get(self.authenticated(url)).headers(self.headers()).send().await {
+        let response = match self
+            .http
+            .get(self.authenticated(url))
+            .headers(self.headers())
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let class = if e.is_timeout() { "timeout" } else { "connect" };
-                self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+                self.metrics
+                    .http_errors
+                    .with_label_values(&[&name, class])
+                    .inc();
                 return Attempt::Retry {
-                    error: FetchError::Transport { source_name: name, url: shown, error: describe_reqwest(e) },
+                    error: FetchError::Transport {
+                        source_name: name,
+                        url: shown,
+                        error: describe_reqwest(e),
+                    },
                     retry_after: None,
                 };
             }
         };
         let status = response.status();
         if !status.is_success() {
-            let class = if status.is_client_error() { "4xx" } else if status.is_server_error() { "5xx" } else { "other" };
-            self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+            let class = if status.is_client_error() {
+                "4xx"
+            } else if status.is_server_error() {
+                "5xx"
+            } else {
+                "other"
+            };
+            self.metrics
+                .http_errors
+                .with_label_values(&[&name, class])
+                .inc();
             let retry_after = response
                 .headers()
                 .get(RETRY_AFTER)
@@ -242,39 +308,76 @@ impl SourceClient {
                     url: shown,
                 });
             }
-            let body: String = response.text().await.unwrap_or_default().chars().take(200).collect();
-            let error = FetchError::Status { source_name: name, status: status.as_u16(), url: shown, body };
-            return if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+            let body: String = response
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect();
+            let error = FetchError::Status {
+                source_name: name,
+                status: status.as_u16(),
+                url: shown,
+                body,
+            };
+            return if status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+                || status == StatusCode::REQUEST_TIMEOUT
+            {
                 Attempt::Retry { error, retry_after }
             } else {
                 Attempt::Fail(error)
             };
         }
-        let link = response.headers().get(LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let link = response
+            .headers()
+            .get(LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut response = response;
         let mut body = Vec::new();
         loop {
             match response.chunk().await {
                 Ok(Some(bytes)) => {
                     if body.len() + bytes.len() > MAX_BODY_BYTES {
-                        return Attempt::Fail(FetchError::TooLarge { source_name: name, url: shown, limit: MAX_BODY_BYTES });
+                        return Attempt::Fail(FetchError::TooLarge {
+                            source_name: name,
+                            url: shown,
+                            limit: MAX_BODY_BYTES,
+                        });
                     }
                     body.extend_from_slice(&bytes);
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let class = if e.is_timeout() { "timeout" } else { "connect" };
-                    self.metrics.http_errors.with_label_values(&[&name, class]).inc();
+                    self.metrics
+                        .http_errors
+                        .with_label_values(&[&name, class])
+                        .inc();
                     return Attempt::Retry {
-                        error: FetchError::Transport { source_name: name, url: shown, error: describe_reqwest(e) },
+                        error: FetchError::Transport {
+                            source_name: name,
+                            url: shown,
+                            error: describe_reqwest(e),
+                        },
                         retry_after: None,
                     };
                 }
             }
         }
         match serde_json::from_slice::<Value>(&body) {
-            Ok(value) => Attempt::Done(Page { body: value, link, bytes: body.len() }),
-            Err(e) => Attempt::Fail(FetchError::NotJson { source_name: name, url: shown, error: e.to_string() }),
+            Ok(value) => Attempt::Done(Page {
+                body: value,
+                link,
+                bytes: body.len(),
+            }),
+            Err(e) => Attempt::Fail(FetchError::NotJson {
+                source_name: name,
+                url: shown,
+                error: e.to_string(),
+            }),
         }
     }
 }
@@ -284,7 +387,11 @@ impl SourceClient {
 fn describe_reqwest(e: reqwest::Error) -> String {
     let timeout = e.is_timeout();
     let text = tardis_common::error::chain(&e.without_url());
-    if timeout { format!("timed out ({text})") } else { text }
+    if timeout {
+        format!("timed out ({text})")
+    } else {
+        text
+    }
 }
 
 /// `url` without user info, and with the values of `secret_params` replaced by `***`.
@@ -298,11 +405,33 @@ pub fn redact_url(url: &Url, secret_params: &[&str], redact_params: bool) -> Str
         let pairs: Vec<(String, String)> = u
             .query_pairs()
             .map(|(k, v)| {
-                let v = if secret_params.contains(&k.as_ref()) { "***".to_string() } else { v.into_owned() };
+                let v = if secret_params.contains(&k.as_ref()) {
+                    "***".to_string()
+                } else {
+                    v.into_owned()
+                };
                 (k.into_owned(), v)
             })
             .collect();
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
     u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_removes_user_info_and_secret_parameters() {
+        let u = Url::parse("https://user:pw@api.example.com/x?since=1&key=s3cret&page=2").unwrap();
+        assert_eq!(
+            redact_url(&u, &["key"], true),
+            "https://api.example.com/x?since=1&key=***&page=2"
+        );
+        assert_eq!(
+            redact_url(&u, &["key"], false),
+            "https://api.example.com/x?since=1&key=s3cret&page=2"
+        );
+    }
 }

@@ -49,11 +49,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// [`run`] with the retry waits delegated to `sleeper` (tests record them).
-pub async fn run_with(config: Config, shutdown: CancellationToken, sleeper: Arc<dyn Sleeper>) -> anyhow::Result<ExitCode> {
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    sleeper: Arc<dyn Sleeper>,
+) -> anyhow::Result<ExitCode> {
     let ops = Ops::start(COMPONENT, &config.common.ops).await?;
     let metrics = metrics::FetchMetrics::register(&ops.registry).context("registering metrics")?;
     let nats_ready = ops.readiness.flag("nats");
-    let client = match config.common.nats.connect("tardis-fetcher", Some(nats_ready), &shutdown).await {
+    let client = match config
+        .common
+        .nats
+        .connect("tardis-fetcher", Some(nats_ready), &shutdown)
+        .await
+    {
         Ok(c) => c,
         Err(NatsError::Cancelled) => {
             ops.stop().await;
@@ -64,7 +73,16 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, sleeper: Arc<
     let js = async_nats::jetstream::new(client.clone());
     let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());
     topology
-        .provision(&js, &[StreamKind::Records, StreamKind::Runs, StreamKind::DeadLetters], &[], true)
+        .provision(
+            &js,
+            &[
+                StreamKind::Records,
+                StreamKind::Runs,
+                StreamKind::DeadLetters,
+            ],
+            &[],
+            true,
+        )
         .await
         .context("provisioning JetStream")?;
     let store = js
@@ -72,7 +90,9 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, sleeper: Arc<
         .await
         .context("opening the fetch-state bucket")?;
     let checkpoints = match &config.postgres {
-        Some(pg) => Some(checkpoint::Checkpoints::new(pg.pool().context("building the Postgres pool")?)),
+        Some(pg) => Some(checkpoint::Checkpoints::new(
+            pg.pool().context("building the Postgres pool")?,
+        )),
         None => None,
     };
     let collector = Collector {
@@ -99,7 +119,11 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, sleeper: Arc<
             for source in selected {
                 let collector = collector.clone();
                 let shutdown = shutdown.clone();
-                runs.spawn(async move { collector.run_source(Arc::new(source), chunk_size, Mode::Incremental, &shutdown).await });
+                runs.spawn(async move {
+                    collector
+                        .run_source(Arc::new(source), chunk_size, Mode::Incremental, &shutdown)
+                        .await
+                });
             }
             let mut reports = Vec::new();
             while let Some(r) = runs.join_next().await {
@@ -108,18 +132,36 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, sleeper: Arc<
             reports.sort_by(|a, b| a.source.cmp(&b.source));
             exit_code(&reports)
         }
-        Command::Backfill { source, since, until } => {
-            let source = config.sources.source(&source).cloned().context("unknown source")?;
-            let report = collector.run_source(Arc::new(source), chunk_size, Mode::Backfill { since, until }, &shutdown).await;
+        Command::Backfill {
+            source,
+            since,
+            until,
+        } => {
+            let source = config
+                .sources
+                .source(&source)
+                .cloned()
+                .context("unknown source")?;
+            let report = collector
+                .run_source(
+                    Arc::new(source),
+                    chunk_size,
+                    Mode::Backfill { since, until },
+                    &shutdown,
+                )
+                .await;
             exit_code(&[report])
         }
-        Command::Daemon => {
-            daemon::run(&collector, &config.sources, &shutdown).await;
+        Command::Daemon { run_at_start } => {
+            daemon::run(&collector, &config.sources, run_at_start, &shutdown).await;
             ExitCode::SUCCESS
         }
     };
     client.flush().await.context("flushing NATS")?;
-    client.drain().await.context("draining the NATS connection")?;
+    client
+        .drain()
+        .await
+        .context("draining the NATS connection")?;
     ops.stop().await;
     Ok(code)
 }
@@ -129,9 +171,16 @@ fn exit_code(reports: &[RunReport]) -> ExitCode {
     for r in reports {
         eprintln!("{}", r.summary());
     }
-    let failed = reports.iter().filter(|r| matches!(r.outcome, RunOutcome::Failed | RunOutcome::Interrupted)).count();
+    let failed = reports
+        .iter()
+        .filter(|r| matches!(r.outcome, RunOutcome::Failed | RunOutcome::Interrupted))
+        .count();
     info!(sources = reports.len(), failed, "fetch pass finished");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `hostname:pid`, to tell lease holders apart.

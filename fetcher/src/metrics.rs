@@ -1,7 +1,7 @@
 //! The fetcher's metrics. Labels: `source` (configured names only) and small fixed sets.
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, exponential_buckets,
 };
 
 #[derive(Debug, Clone)]
@@ -21,34 +21,62 @@ pub struct FetchMetrics {
 
 impl FetchMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let counter = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let gauge = |name: &str, help: &str| -> prometheus::Result<IntGaugeVec> {
             let g = IntGaugeVec::new(Opts::new(name, help), &["source"])?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
         let run_duration = HistogramVec::new(
-            HistogramOpts::new("tardis_fetch_run_duration_seconds", "Duration of a source's fetch run")
-                .buckets(exponential_buckets(0.1, 2.0, 14)?),
+            HistogramOpts::new(
+                "tardis_fetch_run_duration_seconds",
+                "Duration of a source's fetch run",
+            )
+            .buckets(exponential_buckets(0.1, 2.0, 14)?),
             &["source", "outcome"],
         )?;
         registry.register(Box::new(run_duration.clone()))?;
         Ok(Self {
-            records: counter("tardis_fetch_records_total", "Records published to the records stream", &["source"])?,
-            pages: counter("tardis_fetch_pages_total", "Pages read from the source", &["source"])?,
-            bytes: counter("tardis_fetch_bytes_total", "Response bytes read from the source", &["source"])?,
-            chunks: counter("tardis_fetch_chunks_total", "Chunks published (acknowledged by JetStream)", &["source"])?,
+            records: counter(
+                "tardis_fetch_records_total",
+                "Records published to the records stream",
+                &["source"],
+            )?,
+            pages: counter(
+                "tardis_fetch_pages_total",
+                "Pages read from the source",
+                &["source"],
+            )?,
+            bytes: counter(
+                "tardis_fetch_bytes_total",
+                "Response bytes read from the source",
+                &["source"],
+            )?,
+            chunks: counter(
+                "tardis_fetch_chunks_total",
+                "Chunks published (acknowledged by JetStream)",
+                &["source"],
+            )?,
             http_errors: counter(
                 "tardis_fetch_http_errors_total",
                 "Failed HTTP requests by class (4xx, 5xx, timeout, connect)",
                 &["source", "class"],
             )?,
-            retries: counter("tardis_fetch_retries_total", "Requests retried", &["source"])?,
-            runs: counter("tardis_fetch_runs_total", "Fetch runs by outcome", &["source", "outcome"])?,
+            retries: counter(
+                "tardis_fetch_retries_total",
+                "Requests retried",
+                &["source"],
+            )?,
+            runs: counter(
+                "tardis_fetch_runs_total",
+                "Fetch runs by outcome",
+                &["source", "outcome"],
+            )?,
             run_duration,
             last_success: gauge(
                 "tardis_fetch_last_success_timestamp_seconds",

@@ -43,7 +43,13 @@ pub struct Pager {
 impl Pager {
     /// `base` is the source URL; `fixed` the parameters every request carries (`since`,
     /// `after_id`); `start_token` resumes a cursor-paginated source.
-    pub fn new(pagination: Pagination, base: Url, mut fixed: Vec<(String, String)>, page_size: u32, start_token: Option<String>) -> Self {
+    pub fn new(
+        pagination: Pagination,
+        base: Url,
+        mut fixed: Vec<(String, String)>,
+        page_size: u32,
+        start_token: Option<String>,
+    ) -> Self {
         let limit_param = match &pagination {
             Pagination::Page { limit_param, .. }
             | Pagination::Offset { limit_param, .. }
@@ -57,7 +63,13 @@ impl Pager {
             Pagination::Cursor { .. } => Position::Token(start_token),
             Pagination::Link { .. } => Position::Link,
         };
-        Self { pagination, base, fixed, page_size, position }
+        Self {
+            pagination,
+            base,
+            fixed,
+            page_size,
+            position,
+        }
     }
 
     /// The URL of the first page.
@@ -100,7 +112,14 @@ impl Pager {
     pub fn next(&mut self, page: &PageInfo<'_>) -> Option<Url> {
         let short = page.records < self.page_size as usize;
         let next = match (&self.pagination, &self.position) {
-            (Pagination::Page { total_pages_pointer, first_page, .. }, Position::Page(n)) => {
+            (
+                Pagination::Page {
+                    total_pages_pointer,
+                    first_page,
+                    ..
+                },
+                Position::Page(n),
+            ) => {
                 if page.records == 0 {
                     return None;
                 }
@@ -171,26 +190,72 @@ mod tests {
     fn page_numbers_stop_at_total_pages() {
         let mut p = Pager::new(Pagination::default(), base(), since(), 2, None);
         let first = p.first();
-        assert_eq!(first.as_str(), "https://api.example.com/v2/quotes?since=2026-11-01T00%3A00%3A00Z&limit=2&page=1");
+        assert_eq!(
+            first.as_str(),
+            "https://api.example.com/v2/quotes?since=2026-11-01T00%3A00%3A00Z&limit=2&page=1"
+        );
         let body = json!({"data": [{}, {}], "pagination": {"total_pages": 2}});
-        let second = p.next(&PageInfo { url: &first, body: &body, link: None, records: 2 }).unwrap();
+        let second = p
+            .next(&PageInfo {
+                url: &first,
+                body: &body,
+                link: None,
+                records: 2,
+            })
+            .unwrap();
         assert!(second.as_str().ends_with("limit=2&page=2"), "{second}");
-        assert_eq!(p.next(&PageInfo { url: &second, body: &body, link: None, records: 2 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &second,
+                body: &body,
+                link: None,
+                records: 2
+            }),
+            None
+        );
     }
 
     #[test]
     fn page_numbers_without_total_stop_at_a_short_or_empty_page() {
-        let pagination = Pagination::Page { page_param: "p".into(), limit_param: "n".into(), total_pages_pointer: None, first_page: 0 };
+        let pagination = Pagination::Page {
+            page_param: "p".into(),
+            limit_param: "n".into(),
+            total_pages_pointer: None,
+            first_page: 0,
+        };
         let mut p = Pager::new(pagination.clone(), base(), vec![], 3, None);
         let u = p.first();
         assert!(u.as_str().ends_with("?n=3&p=0"), "{u}");
         let body = json!({});
-        let u2 = p.next(&PageInfo { url: &u, body: &body, link: None, records: 3 }).unwrap();
+        let u2 = p
+            .next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 3,
+            })
+            .unwrap();
         assert!(u2.as_str().ends_with("p=1"));
-        assert_eq!(p.next(&PageInfo { url: &u2, body: &body, link: None, records: 2 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &u2,
+                body: &body,
+                link: None,
+                records: 2
+            }),
+            None
+        );
         let mut p = Pager::new(pagination, base(), vec![], 3, None);
         let u = p.first();
-        assert_eq!(p.next(&PageInfo { url: &u, body: &body, link: None, records: 0 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 0
+            }),
+            None
+        );
     }
 
     #[test]
@@ -198,48 +263,147 @@ mod tests {
         let mut p = Pager::new(Pagination::default(), base(), vec![], 100, None);
         let u = p.first();
         let body = json!({"pagination": {"total_pages": 3}});
-        assert!(p.next(&PageInfo { url: &u, body: &body, link: None, records: 50 }).is_some(), "the API capped the page size");
+        assert!(
+            p.next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 50
+            })
+            .is_some(),
+            "the API capped the page size"
+        );
     }
 
     #[test]
     fn offsets_advance_by_records_read() {
-        let pagination = Pagination::Offset { offset_param: "offset".into(), limit_param: "limit".into() };
+        let pagination = Pagination::Offset {
+            offset_param: "offset".into(),
+            limit_param: "limit".into(),
+        };
         let mut p = Pager::new(pagination, base(), vec![], 2, None);
         let u = p.first();
         assert!(u.as_str().ends_with("limit=2&offset=0"));
         let body = json!({});
-        let u = p.next(&PageInfo { url: &u, body: &body, link: None, records: 2 }).unwrap();
+        let u = p
+            .next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 2,
+            })
+            .unwrap();
         assert!(u.as_str().ends_with("limit=2&offset=2"), "{u}");
-        assert_eq!(p.next(&PageInfo { url: &u, body: &body, link: None, records: 1 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 1
+            }),
+            None
+        );
     }
 
     #[test]
     fn cursor_tokens_come_from_the_body() {
-        let pagination = Pagination::Cursor { cursor_pointer: "/meta/next".into(), cursor_param: "cursor".into(), limit_param: "limit".into() };
+        let pagination = Pagination::Cursor {
+            cursor_pointer: "/meta/next".into(),
+            cursor_param: "cursor".into(),
+            limit_param: "limit".into(),
+        };
         let mut p = Pager::new(pagination, base(), vec![], 2, None);
         let u = p.first();
         assert!(!u.as_str().contains("cursor="));
         let body = json!({"meta": {"next": "abc=="}});
-        let u2 = p.next(&PageInfo { url: &u, body: &body, link: None, records: 2 }).unwrap();
+        let u2 = p
+            .next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: None,
+                records: 2,
+            })
+            .unwrap();
         assert!(u2.as_str().ends_with("limit=2&cursor=abc%3D%3D"), "{u2}");
         assert_eq!(p.current_token(), Some("abc=="));
-        assert_eq!(p.next(&PageInfo { url: &u2, body: &body, link: None, records: 2 }), None, "a repeated token ends the run");
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &u2,
+                body: &body,
+                link: None,
+                records: 2
+            }),
+            None,
+            "a repeated token ends the run"
+        );
         let end = json!({"meta": {"next": null}});
-        let mut p = Pager::new(Pagination::Cursor { cursor_pointer: "/meta/next".into(), cursor_param: "c".into(), limit_param: "l".into() }, base(), vec![], 2, Some("t0".into()));
+        let mut p = Pager::new(
+            Pagination::Cursor {
+                cursor_pointer: "/meta/next".into(),
+                cursor_param: "c".into(),
+                limit_param: "l".into(),
+            },
+            base(),
+            vec![],
+            2,
+            Some("t0".into()),
+        );
         assert!(p.first().as_str().ends_with("c=t0"));
-        assert_eq!(p.next(&PageInfo { url: &u, body: &end, link: None, records: 2 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &u,
+                body: &end,
+                link: None,
+                records: 2
+            }),
+            None
+        );
     }
 
     #[test]
     fn link_headers_resolve_relative_urls() {
-        let mut p = Pager::new(Pagination::Link { limit_param: "per_page".into() }, base(), since(), 50, None);
+        let mut p = Pager::new(
+            Pagination::Link {
+                limit_param: "per_page".into(),
+            },
+            base(),
+            since(),
+            50,
+            None,
+        );
         let u = p.first();
         let body = json!([]);
         let link = r#"<https://api.example.com/v2/quotes?page=1>; rel="prev", </v2/quotes?page=3&per_page=50>; rel="next""#;
-        let next = p.next(&PageInfo { url: &u, body: &body, link: Some(link), records: 50 }).unwrap();
-        assert_eq!(next.as_str(), "https://api.example.com/v2/quotes?page=3&per_page=50");
+        let next = p
+            .next(&PageInfo {
+                url: &u,
+                body: &body,
+                link: Some(link),
+                records: 50,
+            })
+            .unwrap();
+        assert_eq!(
+            next.as_str(),
+            "https://api.example.com/v2/quotes?page=3&per_page=50"
+        );
         let last = r#"<https://api.example.com/v2/quotes?page=1>; rel="first""#;
-        assert_eq!(p.next(&PageInfo { url: &next, body: &body, link: Some(last), records: 50 }), None);
-        assert_eq!(p.next(&PageInfo { url: &next, body: &body, link: None, records: 50 }), None);
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &next,
+                body: &body,
+                link: Some(last),
+                records: 50
+            }),
+            None
+        );
+        assert_eq!(
+            p.next(&PageInfo {
+                url: &next,
+                body: &body,
+                link: None,
+                records: 50
+            }),
+            None
+        );
     }
 }

@@ -71,7 +71,11 @@ pub fn cursor_key(source: &str) -> String {
 }
 
 pub fn lease_key(source: &str, backfill: bool) -> String {
-    if backfill { format!("lease.backfill.{source}") } else { format!("lease.{source}") }
+    if backfill {
+        format!("lease.backfill.{source}")
+    } else {
+        format!("lease.{source}")
+    }
 }
 
 impl FetchState {
@@ -85,48 +89,77 @@ impl FetchState {
 
     pub async fn load_cursor(&self, source: &str) -> Result<Option<CursorState>, StateError> {
         let key = cursor_key(source);
-        let value = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| StateError::Read { key: key.clone(), error: e.to_string() })?;
+        let value = self.store.get(&key).await.map_err(|e| StateError::Read {
+            key: key.clone(),
+            error: e.to_string(),
+        })?;
         value
-            .map(|v| serde_json::from_slice(&v).map_err(|e| StateError::Corrupt { key: key.clone(), error: e.to_string() }))
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
+                    key: key.clone(),
+                    error: e.to_string(),
+                })
+            })
             .transpose()
     }
 
     pub async fn save_cursor(&self, source: &str, state: &CursorState) -> Result<(), StateError> {
         let key = cursor_key(source);
-        let bytes = serde_json::to_vec(state).map_err(|e| StateError::Write { key: key.clone(), error: e.to_string() })?;
+        let bytes = serde_json::to_vec(state).map_err(|e| StateError::Write {
+            key: key.clone(),
+            error: e.to_string(),
+        })?;
         self.store
             .put(&key, bytes.into())
             .await
             .map(|_| ())
-            .map_err(|e| StateError::Write { key, error: e.to_string() })
+            .map_err(|e| StateError::Write {
+                key,
+                error: e.to_string(),
+            })
     }
 
     fn lease_value(&self, holder: &str, run_id: &str) -> Lease {
         Lease {
             holder: holder.to_string(),
             run_id: run_id.to_string(),
-            expires_at: Utc::now() + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(5)),
+            expires_at: Utc::now()
+                + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(5)),
         }
     }
 
     /// Takes the lease on `key` unless someone else holds a live one.
-    pub async fn acquire(&self, key: &str, holder: &str, run_id: &str) -> Result<Acquired, StateError> {
+    pub async fn acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        run_id: &str,
+    ) -> Result<Acquired, StateError> {
         let lease = self.lease_value(holder, run_id);
-        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write { key: key.into(), error: e.to_string() })?;
+        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write {
+            key: key.into(),
+            error: e.to_string(),
+        })?;
         match self.store.create(key, bytes.clone().into()).await {
-            Ok(revision) => return Ok(Acquired::Yes(HeldLease { key: key.into(), lease, revision })),
+            Ok(revision) => {
+                return Ok(Acquired::Yes(HeldLease {
+                    key: key.into(),
+                    lease,
+                    revision,
+                }));
+            }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(StateError::Write { key: key.into(), error: e.to_string() }),
+            Err(e) => {
+                return Err(StateError::Write {
+                    key: key.into(),
+                    error: e.to_string(),
+                });
+            }
         }
-        let entry = self
-            .store
-            .entry(key)
-            .await
-            .map_err(|e| StateError::Read { key: key.into(), error: e.to_string() })?;
+        let entry = self.store.entry(key).await.map_err(|e| StateError::Read {
+            key: key.into(),
+            error: e.to_string(),
+        })?;
         let Some(entry) = entry else {
             // Deleted between our create and read: try once more from the top.
             return Box::pin(self.acquire(key, holder, run_id)).await;
@@ -138,7 +171,11 @@ impl FetchState {
             return Ok(Acquired::No(current.clone()));
         }
         match self.store.update(key, bytes.into(), entry.revision).await {
-            Ok(revision) => Ok(Acquired::Yes(HeldLease { key: key.into(), lease, revision })),
+            Ok(revision) => Ok(Acquired::Yes(HeldLease {
+                key: key.into(),
+                lease,
+                revision,
+            })),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 // Another fetcher took the expired lease first.
                 let now = self.store.get(key).await.ok().flatten();
@@ -149,19 +186,28 @@ impl FetchState {
                     expires_at: Utc::now(),
                 })))
             }
-            Err(e) => Err(StateError::Write { key: key.into(), error: e.to_string() }),
+            Err(e) => Err(StateError::Write {
+                key: key.into(),
+                error: e.to_string(),
+            }),
         }
     }
 
     /// Extends a held lease; fails if someone else took it.
     pub async fn renew(&self, held: &mut HeldLease) -> Result<(), StateError> {
         let lease = self.lease_value(&held.lease.holder, &held.lease.run_id);
-        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write { key: held.key.clone(), error: e.to_string() })?;
+        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write {
+            key: held.key.clone(),
+            error: e.to_string(),
+        })?;
         let revision = self
             .store
             .update(&held.key, bytes.into(), held.revision)
             .await
-            .map_err(|e| StateError::Write { key: held.key.clone(), error: e.to_string() })?;
+            .map_err(|e| StateError::Write {
+                key: held.key.clone(),
+                error: e.to_string(),
+            })?;
         held.lease = lease;
         held.revision = revision;
         Ok(())
@@ -172,6 +218,9 @@ impl FetchState {
         self.store
             .delete_expect_revision(&held.key, Some(held.revision))
             .await
-            .map_err(|e| StateError::Write { key: held.key.clone(), error: e.to_string() })
+            .map_err(|e| StateError::Write {
+                key: held.key.clone(),
+                error: e.to_string(),
+            })
     }
 }

@@ -35,8 +35,13 @@ fn build() -> Result<PathBuf> {
         .parent()
         .context("workspace root")?
         .to_path_buf();
+    let mut args = vec!["build", "--workspace", "--bins", "--message-format=json"];
+    // A release build of the harness (benchmarks) runs release binaries.
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
     let out = std::process::Command::new(cargo)
-        .args(["build", "--workspace", "--bins", "--message-format=json"])
+        .args(&args)
         .current_dir(&workspace)
         .output()
         .context("running cargo build for the worker binaries")?;

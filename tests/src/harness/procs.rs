@@ -103,7 +103,8 @@ impl Guarded {
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // The server's own output goes to its log file; the guardian's ("Killed") nowhere.
+            .stderr(Stdio::null());
         if let Some(run_as) = spec.run_as {
             run_as.apply(&mut cmd);
         }

@@ -36,7 +36,10 @@ struct Running {
 impl Running {
     fn spawn(name: &str, env: &BTreeMap<String, String>) -> Result<Self> {
         let port = free_port()?;
+        // The fetcher's default command is one pass (`run`); `daemon` stays up.
+        let args: &[&str] = if name == "fetcher" { &["daemon"] } else { &[] };
         let child = Command::new(bins::bin(name)?)
+            .args(args)
             .env_clear()
             .envs(env)
             .env("OPS_ADDR", format!("127.0.0.1:{port}"))

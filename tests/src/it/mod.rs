@@ -2,6 +2,7 @@
 
 mod binaries;
 mod config;
+mod fetcher;
 mod nats;
 mod postgres;
 mod support;

@@ -37,3 +37,27 @@ pub fn env_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// Every message in a stream, decoded, in stream order (read by sequence, so no consumer is
+/// created and the stream is left as it was).
+pub async fn stream_messages<T: tardis_common::messages::Envelope>(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut s = js.get_stream(stream).await?;
+    let state = s.info().await?.state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        match s.get_raw_message(seq).await {
+            Ok(m) => out.push(tardis_common::messages::decode(&m.payload)?),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
