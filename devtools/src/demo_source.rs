@@ -13,7 +13,8 @@
 //!
 //! Faults (flags at start, or `PUT /admin/faults` with the same JSON at run time): every Nth
 //! request answered 429 with `Retry-After`, every Nth 500, every Nth a malformed body, and a
-//! latency on every response. `GET /admin/stats` counts requests and records served.
+//! latency on every response. `GET /admin/stats` counts requests and records served;
+//! `POST /admin/extend?n=N` makes N more records exist at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +108,7 @@ pub struct Demo {
     started: DateTime<Utc>,
     requests: AtomicU64,
     served: AtomicU64,
+    extra: AtomicU64,
 }
 
 impl Demo {
@@ -120,6 +122,7 @@ impl Demo {
             started: now,
             requests: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            extra: AtomicU64::new(0),
         }
     }
 
@@ -143,6 +146,12 @@ impl Demo {
         let elapsed_ms = (at - self.epoch).num_milliseconds() as f64;
         let groups = (elapsed_ms / self.step_ms()).floor() as u64;
         (groups * self.config.tie_group).max(self.config.backlog)
+            + self.extra.load(Ordering::SeqCst)
+    }
+
+    /// Makes `n` more records exist now (tests and demos of incremental runs).
+    pub fn extend(&self, n: u64) {
+        self.extra.fetch_add(n, Ordering::SeqCst);
     }
 
     /// The first id after `(since, after_id)`.
@@ -344,6 +353,16 @@ async fn stats(State(demo): State<Arc<Demo>>) -> Json<Value> {
     }))
 }
 
+#[derive(Debug, Deserialize)]
+struct ExtendQuery {
+    n: u64,
+}
+
+async fn extend(State(demo): State<Arc<Demo>>, Query(q): Query<ExtendQuery>) -> StatusCode {
+    demo.extend(q.n);
+    StatusCode::NO_CONTENT
+}
+
 async fn set_faults(State(demo): State<Arc<Demo>>, Json(faults): Json<Faults>) -> StatusCode {
     demo.set_faults(faults);
     StatusCode::NO_CONTENT
@@ -355,6 +374,7 @@ pub fn router(demo: Arc<Demo>) -> Router {
         .route("/v2/{*path}", get(page))
         .route("/admin/stats", get(stats))
         .route("/admin/faults", put(set_faults))
+        .route("/admin/extend", axum::routing::post(extend))
         .route("/health", get(|| async { "ok\n" }))
         .with_state(demo)
 }

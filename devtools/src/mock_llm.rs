@@ -53,11 +53,16 @@ pub struct MockConfig {
 #[derive(Debug, Default)]
 struct Counters {
     requests: u64,
+    unauthorized: u64,
     throttled: u64,
     failed: u64,
     served: u64,
+    tokens: u64,
     calls_per_id: HashMap<String, u64>,
     window: VecDeque<(tokio::time::Instant, u64)>,
+    /// Completion tokens served in the last minute (prompt tokens are in `window`).
+    completions: VecDeque<(tokio::time::Instant, u64)>,
+    last_request: Option<Value>,
 }
 
 /// Server state.
@@ -93,10 +98,13 @@ impl Mock {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         json!({
             "requests": c.requests,
+            "unauthorized": c.unauthorized,
             "throttled": c.throttled,
             "failed": c.failed,
             "served": c.served,
+            "tokens": c.tokens,
             "calls_per_id": c.calls_per_id,
+            "last_request": c.last_request,
         })
     }
 }
@@ -181,6 +189,42 @@ pub fn enrich(record: &Value) -> Value {
     json!({"sentiment": sentiment, "category": category, "summary": words.join(" ")})
 }
 
+/// A correct answer to a wire-protocol request (no faults), as the full completion JSON.
+pub fn good_answer(request: &Value) -> Value {
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"));
+    let input: Value = user
+        .and_then(|m| m.get("content").and_then(Value::as_str))
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(Value::Null);
+    let results: Vec<Value> = input
+        .get("records")
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    let mut e = enrich(r.get("record").unwrap_or(&Value::Null));
+                    e["id"] = r.get("id").cloned().unwrap_or(Value::Null);
+                    e
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let content = json!({"results": results}).to_string();
+    json!({
+        "id": "chatcmpl-good", "object": "chat.completion", "created": 0, "model": request.get("model").cloned().unwrap_or(json!("mock")),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+    })
+}
+
 fn tokens(text: &str) -> u64 {
     (text.len() as u64).div_ceil(4)
 }
@@ -199,15 +243,16 @@ async fn completions(
     Json(body): Json<Value>,
 ) -> Response {
     let config = mock.config();
-    if config.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(config.latency_ms)).await;
-    }
     if let Some(key) = &config.api_key {
         let ok = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == format!("Bearer {key}"));
         if !ok {
+            mock.counters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unauthorized += 1;
             return api_error(
                 StatusCode::UNAUTHORIZED,
                 "Incorrect API key provided",
@@ -267,6 +312,7 @@ async fn completions(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.requests += 1;
+        c.last_request = Some(body.clone());
         let n = c.requests;
         while c
             .window
@@ -275,8 +321,20 @@ async fn completions(
         {
             c.window.pop_front();
         }
+        while c
+            .completions
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            c.completions.pop_front();
+        }
         let used_requests = c.window.len() as u64;
-        let used_tokens: u64 = c.window.iter().map(|(_, t)| t).sum();
+        let used_tokens: u64 = c
+            .window
+            .iter()
+            .chain(c.completions.iter())
+            .map(|(_, t)| t)
+            .sum();
         let over_rpm = config.rpm.is_some_and(|r| used_requests + 1 > r);
         let over_tpm = config.tpm.is_some_and(|t| used_tokens + prompt_tokens > t);
         let limited = if over_rpm || over_tpm {
@@ -302,6 +360,10 @@ async fn completions(
         };
         (n, limited)
     };
+    // Latency after counting: a request is "received" as soon as it arrives.
+    if config.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(config.latency_ms)).await;
+    }
     if let Some((reset, used_requests, used_tokens)) = limited {
         let mut resp = api_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -386,10 +448,16 @@ async fn completions(
         content = format!("```json\n{content}\n```");
     }
     let completion_tokens = tokens(&content);
-    mock.counters
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .served += 1;
+    {
+        let mut c = mock
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.served += 1;
+        c.tokens += prompt_tokens + completion_tokens;
+        c.completions
+            .push_back((tokio::time::Instant::now(), completion_tokens));
+    }
     Json(json!({
         "id": format!("chatcmpl-mock-{n}"),
         "object": "chat.completion",

@@ -1,4 +1,5 @@
-//! The enricher's configuration: the common sections plus the LLM endpoint.
+//! The enricher's configuration: the common sections, the LLM endpoint and its limits, and the
+//! enrichment (schema, prompt, batching, redelivery).
 
 use std::time::Duration;
 
@@ -8,10 +9,14 @@ use tardis_common::config::{CommonConfig, ConfigError, Env, Reader};
 use tardis_common::telemetry::TelemetrySettings;
 use url::Url;
 
+use crate::protocol::ResponseFormat;
+use crate::schema::EnrichmentSchema;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
     pub llm: LlmSettings,
+    pub enrich: EnrichSettings,
 }
 
 /// The OpenAI-compatible chat-completions endpoint.
@@ -25,8 +30,43 @@ pub struct LlmSettings {
     pub model: String,
     /// `LLM_BATCH_SIZE`: records per request, default 20.
     pub batch_size: u32,
+    /// `LLM_MAX_INPUT_TOKENS`: estimated prompt tokens per request, default 8000.
+    pub max_input_tokens: u32,
+    /// `LLM_MAX_TOKENS_PER_RECORD`: answer budget per record (`max_tokens` scales with the batch), default 200.
+    pub max_tokens_per_record: u32,
     /// `LLM_TIMEOUT`: one request, default 60 s.
     pub timeout: Duration,
+    /// `LLM_TEMPERATURE`, default 0.2.
+    pub temperature: f64,
+    /// `LLM_RESPONSE_FORMAT`: `json_object` (default), `json_schema`, `none`.
+    pub response_format: ResponseFormat,
+    /// `LLM_RPM`, `LLM_TPM`: client-side limits per replica (unset: none).
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    /// `LLM_CONCURRENCY`: requests in flight per replica, default 4.
+    pub concurrency: u32,
+    /// `LLM_PRICE_INPUT_PER_MTOK` / `LLM_PRICE_OUTPUT_PER_MTOK`: USD per million tokens, default 0.42.
+    pub price_input: f64,
+    pub price_output: f64,
+    /// `LLM_MAX_ATTEMPTS`: tries per record whose result is invalid before it is dead-lettered, default 3.
+    pub max_attempts: u32,
+    /// `LLM_RETRY_DELAY`: backoff base for 429/5xx/timeouts, default 1 s (capped at 60 s).
+    pub retry_delay: Duration,
+}
+
+/// How records are enriched and delivered.
+#[derive(Debug, Clone)]
+pub struct EnrichSettings {
+    /// `ENRICH_SCHEMA`: the fields of an enrichment (JSON, see `schema`).
+    pub schema: EnrichmentSchema,
+    /// `ENRICH_PROMPT`: the system prompt template (`{fields}` is replaced by the schema).
+    pub prompt: Option<String>,
+    /// `ENRICH_MAX_DELIVER`: deliveries of a chunk before JetStream gives up, default 10.
+    pub max_deliver: i64,
+    /// `ENRICH_MAX_IN_FLIGHT`: chunks held at once per replica, default 16.
+    pub max_in_flight: u32,
+    /// `ENRICH_BATCH_LINGER`: how long a partial batch waits for more records, default 100 ms.
+    pub linger: Duration,
 }
 
 impl LlmSettings {
@@ -47,6 +87,38 @@ impl LlmSettings {
                 "https://api.holysheep.ai/v1/chat/completions",
             ),
         };
+        let float = |r: &mut Reader<'_>, key: &str, default: f64, min: f64, max: f64| -> f64 {
+            match r.string(key) {
+                None => default,
+                Some(v) => match v.parse::<f64>() {
+                    Ok(x) if x.is_finite() && x >= min && x <= max => x,
+                    _ => {
+                        r.problem(
+                            key,
+                            format!("must be a number from {min} to {max}, got {v:?}"),
+                            format!("for example {key}={default}"),
+                        );
+                        default
+                    }
+                },
+            }
+        };
+        let optional = |r: &mut Reader<'_>, key: &str| -> Option<u32> {
+            r.string(key).is_some().then(|| r.positive_u32(key, 1))
+        };
+        let response_format = match r.string("LLM_RESPONSE_FORMAT").as_deref() {
+            None | Some("json_object") => ResponseFormat::JsonObject,
+            Some("json_schema") => ResponseFormat::JsonSchema,
+            Some("none") => ResponseFormat::None,
+            Some(other) => {
+                r.problem(
+                    "LLM_RESPONSE_FORMAT",
+                    format!("unknown format {other:?}"),
+                    "use json_object, json_schema or none",
+                );
+                ResponseFormat::JsonObject
+            }
+        };
         Self {
             endpoint: endpoint.unwrap_or_else(|| {
                 Url::parse("http://127.0.0.1/chat/completions").expect("placeholder URL parses")
@@ -58,7 +130,44 @@ impl LlmSettings {
                 .string("LLM_MODEL")
                 .unwrap_or_else(|| Self::DEFAULT_MODEL.to_string()),
             batch_size: r.positive_u32("LLM_BATCH_SIZE", 20),
+            max_input_tokens: r.positive_u32("LLM_MAX_INPUT_TOKENS", 8000),
+            max_tokens_per_record: r.positive_u32("LLM_MAX_TOKENS_PER_RECORD", 200),
             timeout: r.duration("LLM_TIMEOUT", Duration::from_secs(60)),
+            temperature: float(r, "LLM_TEMPERATURE", 0.2, 0.0, 2.0),
+            response_format,
+            rpm: optional(r, "LLM_RPM"),
+            tpm: optional(r, "LLM_TPM"),
+            concurrency: r.positive_u32("LLM_CONCURRENCY", 4),
+            price_input: float(r, "LLM_PRICE_INPUT_PER_MTOK", 0.42, 0.0, 1e6),
+            price_output: float(r, "LLM_PRICE_OUTPUT_PER_MTOK", 0.42, 0.0, 1e6),
+            max_attempts: r.positive_u32("LLM_MAX_ATTEMPTS", 3),
+            retry_delay: r.duration("LLM_RETRY_DELAY", Duration::from_secs(1)),
+        }
+    }
+}
+
+impl EnrichSettings {
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let schema = match r.raw("ENRICH_SCHEMA") {
+            None => EnrichmentSchema::default(),
+            Some(text) => match EnrichmentSchema::parse(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    r.problem(
+                        "ENRICH_SCHEMA",
+                        e,
+                        r#"for example ENRICH_SCHEMA='{"sentiment":{"type":"string","enum":["positive","neutral","negative"]},"summary":{"type":"string","max_words":50}}'"#,
+                    );
+                    EnrichmentSchema::default()
+                }
+            },
+        };
+        Self {
+            schema,
+            prompt: r.raw("ENRICH_PROMPT"),
+            max_deliver: i64::from(r.positive_u32("ENRICH_MAX_DELIVER", 10)),
+            max_in_flight: r.positive_u32("ENRICH_MAX_IN_FLIGHT", 16),
+            linger: r.duration("ENRICH_BATCH_LINGER", Duration::from_millis(100)),
         }
     }
 }
@@ -68,8 +177,13 @@ impl Config {
         let mut r = Reader::new(env);
         let common = CommonConfig::read(&mut r, crate::COMPONENT);
         let llm = LlmSettings::read(&mut r);
+        let enrich = EnrichSettings::read(&mut r);
         r.finish()?;
-        Ok(Self { common, llm })
+        Ok(Self {
+            common,
+            llm,
+            enrich,
+        })
     }
 }
 

@@ -1,13 +1,25 @@
-//! The enricher: pulls record chunks (durable consumer `enricher`), enriches the records with
-//! an OpenAI-compatible LLM and publishes enriched chunks and dead letters.
+//! The enricher: pulls record chunks (durable consumer `enricher`, shared by all replicas),
+//! enriches their records with an OpenAI-compatible LLM and publishes enriched chunks and dead
+//! letters, acking each chunk only after its outputs are durable.
 //!
-//! This crate holds the process around the work — configuration, NATS, provisioning of its
-//! streams and consumer, ops endpoints, shutdown. The enrichment itself is not built yet.
+//! * [`config`]: endpoint, limits, schema, prompt;
+//! * [`protocol`], [`schema`]: the wire protocol and validation, pure;
+//! * [`llm`]: the HTTP client with client-side limits and failure classes;
+//! * [`enrich`]: one batch — retries, splitting, dead letters;
+//! * [`pipeline`]: pulling, batching across chunks, heartbeats, publishing, acking.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod enrich;
+pub mod llm;
+pub mod metrics;
+pub mod pipeline;
+pub mod protocol;
+pub mod schema;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tardis_common::app::Ops;
@@ -19,10 +31,14 @@ pub use config::Config;
 
 pub const COMPONENT: &str = "enricher";
 
-/// The consumer this worker owns. The ack wait covers one LLM request with its retries.
+/// The consumer this worker owns. The ack wait covers one LLM request; heartbeats extend it
+/// while a chunk is in flight, so it bounds how long a crashed replica's chunks wait.
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
     ConsumerSpec {
         ack_wait: config.llm.timeout * 2,
+        max_deliver: config.enrich.max_deliver,
+        max_ack_pending: i64::from(config.enrich.max_in_flight) * 8,
+        backoff: Vec::new(),
         ..ConsumerSpec::new(ConsumerKind::Enricher)
     }
 }
@@ -30,7 +46,9 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
 /// Runs the enricher until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let ops = Ops::start(COMPONENT, &config.common.ops).await?;
+    let metrics = metrics::EnrichMetrics::register(&ops.registry).context("registering metrics")?;
     let nats_ready = ops.readiness.flag("nats");
+    let llm_ready = ops.readiness.flag("llm");
     let client = match config
         .common
         .nats
@@ -46,6 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let js = async_nats::jetstream::new(client.clone());
     let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());
+    let spec = consumer_spec(&config);
     topology
         .provision(
             &js,
@@ -54,21 +73,79 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 StreamKind::Enriched,
                 StreamKind::DeadLetters,
             ],
-            &[consumer_spec(&config)],
+            std::slice::from_ref(&spec),
             false,
         )
         .await
         .context("provisioning JetStream")?;
-    info!(
-        endpoint = %config.llm.endpoint,
-        model = %config.llm.model,
-        "enricher ready; enrichment is not implemented in this build"
-    );
-    shutdown.cancelled().await;
-    client
-        .drain()
+    let names = config.common.names.clone();
+    let consumer = js
+        .get_stream(names.stream(StreamKind::Records))
         .await
-        .context("draining the NATS connection")?;
+        .context("opening the records stream")?
+        .get_consumer(&names.consumer(ConsumerKind::Enricher))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the enricher consumer: {e}"))?;
+    let system_prompt =
+        protocol::system_prompt(config.enrich.prompt.as_deref(), &config.enrich.schema);
+    let prompt_version = protocol::prompt_version(&system_prompt, &config.enrich.schema);
+    let llm = &config.llm;
+    let limits = llm::Limits {
+        rpm: llm.rpm,
+        tpm: llm.tpm,
+        concurrency: llm.concurrency,
+        max_request_tokens: llm.max_input_tokens
+            + llm.max_tokens_per_record * llm.batch_size
+            + 2000,
+    };
+    let llm_client = llm::LlmClient::new(
+        llm.endpoint.clone(),
+        llm.api_key.clone(),
+        llm.model.clone(),
+        llm.timeout,
+        limits,
+        metrics.clone(),
+    )
+    .context("building the HTTP client")?;
+    info!(
+        endpoint = %llm_client.endpoint_for_logs(),
+        model = %llm.model,
+        prompt_version = %prompt_version,
+        batch_size = llm.batch_size,
+        response_format = llm.response_format.as_str(),
+        "enricher ready"
+    );
+    let health = Arc::new(enrich::LlmHealth::new(llm_ready));
+    let processor = Arc::new(enrich::BatchProcessor {
+        client: llm_client,
+        schema: config.enrich.schema.clone(),
+        system_prompt,
+        settings: llm.clone(),
+        metrics: metrics.clone(),
+        health,
+        stop: CancellationToken::new(),
+    });
+    let pipeline = pipeline::Pipeline {
+        js,
+        client: client.clone(),
+        consumer,
+        names,
+        processor,
+        metrics,
+        prompt_version,
+        batch_size: llm.batch_size as usize,
+        max_input_tokens: llm.max_input_tokens,
+        linger: config.enrich.linger,
+        max_in_flight: config.enrich.max_in_flight as usize,
+        ack_wait: spec.ack_wait,
+        consumer_name: config.common.names.consumer(ConsumerKind::Enricher),
+    };
+    pipeline.run(shutdown).await?;
+    match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),
+        Err(_) => tracing::warn!("draining the NATS connection timed out"),
+    }
     ops.stop().await;
     Ok(ExitCode::SUCCESS)
 }

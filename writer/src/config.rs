@@ -1,23 +1,81 @@
-//! The writer's configuration: the common sections plus Postgres.
+//! The writer's configuration: the command line, the common sections, Postgres and batching.
 
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
 use tardis_common::app::ComponentConfig;
 use tardis_common::config::{CommonConfig, ConfigError, Env, Reader};
 use tardis_common::postgres::PostgresSettings;
 use tardis_common::telemetry::TelemetrySettings;
 
+/// Tardis writer: persists enriched records, dead letters and fetch runs in Postgres.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "writer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq, Default)]
+pub enum Command {
+    /// Consume and write until SIGTERM (the default).
+    #[default]
+    Run,
+    /// Apply the database migrations, then exit.
+    Migrate,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
     pub postgres: PostgresSettings,
+    /// `WRITER_BATCH_MESSAGES`: messages per transaction at most, default 100.
+    pub batch_messages: usize,
+    /// `WRITER_BATCH_WAIT`: how long to gather a batch, default 200 ms.
+    pub batch_wait: Duration,
+    /// `WRITER_MAX_DELIVER`: deliveries before a message that cannot be written is dead-lettered, default 5.
+    pub max_deliver: i64,
+    /// `WRITER_ACK_WAIT`: how long a pulled message may stay unacknowledged before
+    /// JetStream redelivers it (bounds recovery after a crash), default 60 s.
+    pub ack_wait: Duration,
+    /// The StatefulSet ordinal, from `HOSTNAME` (`writer-2` → 2); 0 elsewhere.
+    pub ordinal: u32,
+    /// `WRITER_TEST_CRASH_AFTER_COMMIT`: abort right after the first commit, before acking
+    /// (a crash-test hook; never set it in production).
+    pub crash_after_commit: bool,
+    pub command: Command,
 }
 
 impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::from_env_with(env, Command::Run)
+    }
+
+    pub fn from_env_with(env: &dyn Env, command: Command) -> Result<Self, ConfigError> {
         let mut r = Reader::new(env);
         let common = CommonConfig::read(&mut r, crate::COMPONENT);
         let postgres = PostgresSettings::read(&mut r);
+        let batch_messages = r.positive_u32("WRITER_BATCH_MESSAGES", 100) as usize;
+        let batch_wait = r.duration("WRITER_BATCH_WAIT", Duration::from_millis(200));
+        let max_deliver = i64::from(r.positive_u32("WRITER_MAX_DELIVER", 5));
+        let ack_wait = r.duration("WRITER_ACK_WAIT", Duration::from_secs(60));
+        let ordinal = r
+            .string("HOSTNAME")
+            .and_then(|h| h.rsplit('-').next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0);
+        let crash_after_commit = r.bool("WRITER_TEST_CRASH_AFTER_COMMIT", false);
         r.finish()?;
-        Ok(Self { common, postgres })
+        Ok(Self {
+            common,
+            postgres,
+            batch_messages,
+            batch_wait,
+            max_deliver,
+            ack_wait,
+            ordinal,
+            crash_after_commit,
+            command,
+        })
     }
 }
 

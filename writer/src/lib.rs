@@ -1,12 +1,17 @@
-//! The writer: pulls enriched chunks, dead letters and fetch runs and persists them in Postgres
-//! with the per-source checkpoint, in one transaction, idempotently.
+//! The writer: pulls enriched chunks (`writer`), dead letters (`writer-dlq`) and fetch runs
+//! (`writer-runs`) and persists them in Postgres — records and the per-source checkpoint in
+//! one transaction, idempotently — acking only after the commit.
 //!
-//! This crate holds the process around the work — configuration, NATS, provisioning of its
-//! streams and consumers, the Postgres pool and its readiness, ops endpoints, shutdown. The
-//! persistence itself is not built yet.
+//! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
+//! * [`store`]: the SQL (UNNEST upserts, newest version wins, monotonic checkpoint);
+//! * [`consume`]: the batch loops, failure handling, dead letters.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod consume;
+pub mod metrics;
+pub mod migrate;
+pub mod store;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,40 +19,89 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tardis_common::app::Ops;
 use tardis_common::nats::{ConsumerKind, ConsumerSpec, NatsError, StreamKind, Topology};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{Instrument, info};
 
-pub use config::Config;
+pub use config::{Command, Config};
 
 pub const COMPONENT: &str = "writer";
 
-/// The consumers this worker owns.
-pub fn consumer_specs() -> Vec<ConsumerSpec> {
+/// The consumers this worker owns. Deliveries are unlimited on the JetStream side: a
+/// Postgres outage must never exhaust them; the writer itself dead-letters a message that
+/// Postgres keeps rejecting (`WRITER_MAX_DELIVER`).
+pub fn consumer_specs(config: &Config) -> Vec<ConsumerSpec> {
     [
         ConsumerKind::Writer,
         ConsumerKind::WriterDlq,
         ConsumerKind::WriterRuns,
     ]
     .into_iter()
-    .map(ConsumerSpec::new)
+    .map(|kind| ConsumerSpec {
+        max_deliver: -1,
+        ack_wait: config.ack_wait,
+        max_ack_pending: 2000,
+        ..ConsumerSpec::new(kind)
+    })
     .collect()
 }
 
-/// Runs the writer until `shutdown` fires.
+/// A pooled connection, retried with backoff until Postgres answers or `shutdown` fires.
+async fn connect_with_retry(
+    pool: &deadpool_postgres::Pool,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<deadpool_postgres::Object> {
+    let backoff =
+        tardis_common::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut attempt = 0;
+    loop {
+        match pool.get().await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let delay = backoff.delay(attempt);
+                attempt += 1;
+                tracing::warn!(error = %tardis_common::error::chain(&e), postgres = %config.postgres.display_target(), attempt, "postgres unreachable, retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => anyhow::bail!("shutdown requested before Postgres was reachable"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the writer (or its migrations) until done or `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let ops = Ops::start(COMPONENT, &config.common.ops).await?;
-    let nats_ready = ops.readiness.flag("nats");
-    let pg_ready = ops.readiness.flag("postgres");
+    let span = tracing::info_span!("writer", ordinal = config.ordinal);
+    run_inner(config, shutdown).instrument(span).await
+}
+
+async fn run_inner(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let pool = config
         .postgres
         .pool()
         .context("building the Postgres pool")?;
-    let watcher = tokio::spawn(tardis_common::postgres::watch_reachability(
-        pool.clone(),
-        pg_ready,
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
+    if config.command == Command::Migrate {
+        let mut client = connect_with_retry(&pool, &config, &shutdown).await?;
+        let applied = migrate::migrate(&mut client).await?;
+        if applied.is_empty() {
+            println!("schema up to date (version {})", migrate::latest());
+        }
+        for (version, name) in applied {
+            println!("applied migration {version} ({name})");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ops = Ops::start(COMPONENT, &config.common.ops).await?;
+    let metrics = metrics::WriterMetrics::register(&ops.registry).context("registering metrics")?;
+    metrics
+        .info
+        .with_label_values(&[&config.ordinal.to_string()])
+        .set(1);
+    let nats_ready = ops.readiness.flag("nats");
+    let pg_ready = ops.readiness.flag("postgres");
+
     let client = match config
         .common
         .nats
@@ -56,14 +110,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     {
         Ok(c) => c,
         Err(NatsError::Cancelled) => {
-            watcher.await.context("postgres watcher")?;
             ops.stop().await;
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(e).context("connecting to NATS"),
     };
+    // The schema must be the one this build knows; wait for Postgres if it is not up yet.
+    match connect_with_retry(&pool, &config, &shutdown).await {
+        Ok(client) => migrate::check(&client).await?,
+        Err(_) if shutdown.is_cancelled() => {
+            ops.stop().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e),
+    }
+    let watcher = tokio::spawn(tardis_common::postgres::watch_reachability(
+        pool.clone(),
+        pg_ready.clone(),
+        Duration::from_secs(2),
+        shutdown.clone(),
+    ));
     let js = async_nats::jetstream::new(client.clone());
-    let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());
+    let names = config.common.names.clone();
+    let topology = Topology::new(names.clone(), config.common.streams.clone());
     topology
         .provision(
             &js,
@@ -72,21 +141,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 StreamKind::DeadLetters,
                 StreamKind::Runs,
             ],
-            &consumer_specs(),
+            &consumer_specs(&config),
             false,
         )
         .await
         .context("provisioning JetStream")?;
-    info!(
-        postgres = %config.postgres.display_target(),
-        "writer ready; persistence is not implemented in this build"
-    );
-    shutdown.cancelled().await;
+    info!(postgres = %config.postgres.display_target(), ordinal = config.ordinal, "writer ready");
+    let mut loops = JoinSet::new();
+    for (kind, consumer_kind) in [
+        (consume::Kind::Records, ConsumerKind::Writer),
+        (consume::Kind::DeadLetters, ConsumerKind::WriterDlq),
+        (consume::Kind::Runs, ConsumerKind::WriterRuns),
+    ] {
+        let consumer = js
+            .get_stream(names.stream(consumer_kind.stream()))
+            .await
+            .context("opening a stream")?
+            .get_consumer(&names.consumer(consumer_kind))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("opening consumer {}: {e}", names.consumer(consumer_kind))
+            })?;
+        let l = consume::Loop {
+            kind,
+            consumer,
+            pool: pool.clone(),
+            js: js.clone(),
+            names: names.clone(),
+            metrics: metrics.clone(),
+            batch_messages: config.batch_messages,
+            batch_wait: config.batch_wait,
+            max_deliver: config.max_deliver,
+            pg_ready: pg_ready.clone(),
+            crash_after_commit: config.crash_after_commit,
+        };
+        loops.spawn(l.run(shutdown.clone()).in_current_span());
+    }
+    while let Some(r) = loops.join_next().await {
+        r.context("a writer loop panicked")?;
+    }
     watcher.await.context("postgres watcher")?;
-    client
-        .drain()
-        .await
-        .context("draining the NATS connection")?;
+    match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),
+        Err(_) => tracing::warn!("draining the NATS connection timed out"),
+    }
     ops.stop().await;
     Ok(ExitCode::SUCCESS)
 }

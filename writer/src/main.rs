@@ -1,5 +1,13 @@
 use std::process::ExitCode;
 
+use clap::Parser;
+
 fn main() -> ExitCode {
-    tardis_common::app::main(writer::COMPONENT, writer::Config::from_env, writer::run)
+    let cli = writer::config::Cli::parse();
+    let command = cli.command.unwrap_or_default();
+    tardis_common::app::main(
+        writer::COMPONENT,
+        |env| writer::Config::from_env_with(env, command),
+        writer::run,
+    )
 }

@@ -38,6 +38,51 @@ pub async fn http_get(url: &str) -> Result<(u16, String)> {
     Ok((resp.status().as_u16(), resp.text().await?))
 }
 
+/// A child process whose stdout and stderr go to a temporary file (a pipe nobody reads
+/// would fill up and block the child).
+#[derive(Debug)]
+pub struct Captured {
+    pub child: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Captured {
+    pub fn spawn(mut cmd: std::process::Command) -> Result<Self> {
+        let log = tempfile::NamedTempFile::new()?;
+        let child = cmd
+            .stdout(std::process::Stdio::from(log.reopen()?))
+            .stderr(std::process::Stdio::from(log.reopen()?))
+            .spawn()?;
+        Ok(Self { child, log })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGTERM, wait; the exit code and everything printed.
+    pub fn terminate(mut self) -> Result<(Option<i32>, String)> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = self.child.wait()?;
+        Ok((status.code(), self.output()))
+    }
+
+    /// SIGKILL, wait.
+    pub fn kill(mut self) -> Result<String> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(self.output())
+    }
+}
+
 /// A random lowercase suffix for names (8 hex digits).
 pub fn unique_suffix() -> String {
     format!("{:08x}", rand::rng().random::<u32>())

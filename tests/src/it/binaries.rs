@@ -2,8 +2,7 @@
 //! kept out of the output, OTLP export; and `run` in-process.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::support::{LEGACY_SECRETS, legacy_env};
-use crate::harness::{TestDb, TestNats, bins, free_port, http_get, wait_for};
+use crate::harness::{Captured, TestDb, TestNats, bins, free_port, http_get, wait_for};
 
 /// The environment each binary needs besides NATS: the legacy ConfigMap and Secret, pointed
 /// at the test's Postgres.
@@ -25,11 +24,12 @@ async fn worker_env(t: &TestNats) -> Result<BTreeMap<String, String>> {
     env.insert("DATABASE_URL".into(), db.url.clone());
     env.insert("PGSSLMODE".into(), "disable".into());
     env.insert("RUST_LOG".into(), "debug".into());
+    super::writer::migrate(&env).await?;
     Ok(env)
 }
 
 struct Running {
-    child: Child,
+    child: Captured,
     ops: String,
 }
 
@@ -38,15 +38,12 @@ impl Running {
         let port = free_port()?;
         // The fetcher's default command is one pass (`run`); `daemon` stays up.
         let args: &[&str] = if name == "fetcher" { &["daemon"] } else { &[] };
-        let child = Command::new(bins::bin(name)?)
-            .args(args)
+        let mut cmd = Command::new(bins::bin(name)?);
+        cmd.args(args)
             .env_clear()
             .envs(env)
-            .env("OPS_ADDR", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
+            .env("OPS_ADDR", format!("127.0.0.1:{port}"));
+        let child = Captured::spawn(cmd).with_context(|| format!("starting {name}"))?;
         Ok(Self {
             child,
             ops: format!("http://127.0.0.1:{port}"),
@@ -61,31 +58,19 @@ impl Running {
     async fn terminate(mut self, limit: Duration) -> Result<(i32, String)> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         let status = wait_for("the process to exit after SIGTERM", limit, || {
-            let r = self.child.try_wait().map_err(anyhow::Error::from);
+            let r = self.child.child.try_wait().map_err(anyhow::Error::from);
             async move { r }
         })
         .await;
         let status = match status {
             Ok(s) => s,
             Err(e) => {
-                self.child.kill()?;
-                self.child.wait()?;
-                return Err(e);
+                let output = self.child.kill()?;
+                return Err(e.context(output));
             }
         };
-        Ok((status.code().unwrap_or(-1), output(&mut self.child)))
+        Ok((status.code().unwrap_or(-1), self.child.output()))
     }
-}
-
-fn output(child: &mut Child) -> String {
-    let mut text = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut text).ok();
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_string(&mut text).ok();
-    }
-    text
 }
 
 async fn check_binary(name: &str, env: BTreeMap<String, String>) -> Result<()> {

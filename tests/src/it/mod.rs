@@ -2,7 +2,10 @@
 
 mod binaries;
 mod config;
+mod enricher;
 mod fetcher;
 mod nats;
+mod pipeline;
 mod postgres;
 mod support;
+mod writer;

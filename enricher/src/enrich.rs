@@ -1,0 +1,464 @@
+//! Enriching one batch of records: the request, validation per record, and what happens to
+//! the records that fail.
+//!
+//! * 429, 5xx, timeouts, connection errors: the same batch is retried with backoff (at least
+//!   the server's `Retry-After` / `x-ratelimit-reset-*`), without limit — an outage delays
+//!   data, it never dead-letters it. After three failures in a row the circuit opens: the
+//!   puller stops taking new work until a request succeeds.
+//! * 401/403, or a 404-like answer: the processor halts (no ack, no dead letter; `/ready` false).
+//! * A whole-batch problem (invalid JSON, `finish_reason: "length"`, a 400/413/422): the batch is
+//!   split in halves and each half retried, down to single records, so one poison record cannot
+//!   drag its neighbours down. Only a record alone counts these against its attempts.
+//! * A record whose own result is missing, invalid or duplicated counts one attempt and is
+//!   retried with the other failures; after `LLM_MAX_ATTEMPTS` it is dead-lettered with the
+//!   reason. Ids the model invents are ignored.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tardis_common::backoff::Backoff;
+use tardis_common::messages::Usage;
+use tardis_common::ops::ReadyFlag;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::config::LlmSettings;
+use crate::llm::{CallError, LlmClient};
+use crate::metrics::EnrichMetrics;
+use crate::protocol::{self, Answer, ResponseFormat};
+use crate::schema::EnrichmentSchema;
+
+/// Answer tokens expected per record, charged to `LLM_TPM` up front.
+pub const EXPECTED_ANSWER_TOKENS: u32 = 50;
+
+/// Where a record sits: its chunk and its position in the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ItemKey {
+    pub chunk: u64,
+    pub index: usize,
+}
+
+/// A record waiting for enrichment.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub key: ItemKey,
+    pub source: String,
+    pub id: String,
+    pub payload: Box<RawValue>,
+    pub tokens: u32,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Every distinct problem seen so far, for the dead letter's reason.
+    pub errors: Vec<String>,
+}
+
+impl Item {
+    fn failed(&mut self, reason: String) {
+        self.attempts += 1;
+        if !self.errors.contains(&reason) {
+            self.errors.push(reason.clone());
+        }
+        self.last_error = Some(reason);
+    }
+}
+
+/// What became of a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Enriched {
+        enrichment: Value,
+        usage: Usage,
+    },
+    Dead {
+        reason: String,
+        attempts: u32,
+        last_error: Option<String>,
+    },
+}
+
+/// The health of the endpoint, shared by every batch of the process.
+#[derive(Debug)]
+pub struct LlmHealth {
+    consecutive_failures: AtomicU32,
+    halted: Mutex<Option<String>>,
+    halt: CancellationToken,
+    ready: ReadyFlag,
+}
+
+impl LlmHealth {
+    pub fn new(ready: ReadyFlag) -> Self {
+        ready.set(true);
+        Self {
+            consecutive_failures: AtomicU32::new(0),
+            halted: Mutex::new(None),
+            halt: CancellationToken::new(),
+            ready,
+        }
+    }
+
+    fn success(&self) {
+        self.consecutive_failures.store(0, Ordering::SeqCst);
+        if !self.is_halted() {
+            self.ready.set(true);
+        }
+    }
+
+    fn failure(&self) {
+        if self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1 >= 3 {
+            self.ready.set(false);
+        }
+    }
+
+    /// Three or more failures in a row: stop taking new work.
+    pub fn is_open(&self) -> bool {
+        self.consecutive_failures.load(Ordering::SeqCst) >= 3
+    }
+
+    fn halt_with(&self, reason: String) {
+        let mut h = self
+            .halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if h.is_none() {
+            error!(reason = %reason, "LLM endpoint unusable: no more work is taken; fix the configuration and restart");
+            *h = Some(reason);
+        }
+        self.ready.set(false);
+        self.halt.cancel();
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halt.is_cancelled()
+    }
+
+    /// Why processing halted, if it did.
+    pub fn halt_reason(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn halted(&self) -> CancellationToken {
+        self.halt.clone()
+    }
+}
+
+/// Enriches batches.
+#[derive(Debug)]
+pub struct BatchProcessor {
+    pub client: LlmClient,
+    pub schema: EnrichmentSchema,
+    pub system_prompt: String,
+    pub settings: LlmSettings,
+    pub metrics: EnrichMetrics,
+    pub health: Arc<LlmHealth>,
+    /// Fires when in-flight work must be abandoned (shutdown grace over).
+    pub stop: CancellationToken,
+}
+
+/// The result of a batch: outcomes, and items abandoned (halt or stop) that get none.
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    pub outcomes: Vec<(ItemKey, String, Outcome)>,
+    pub abandoned: Vec<Item>,
+}
+
+enum Call {
+    Answer(Answer),
+    Rejected(String),
+    Stopped,
+}
+
+impl BatchProcessor {
+    /// The user message and request body for `items`.
+    pub fn body(&self, items: &[Item]) -> (Value, u32) {
+        let records: Vec<(&str, &RawValue)> = items
+            .iter()
+            .map(|i| (i.id.as_str(), i.payload.as_ref()))
+            .collect();
+        let user = protocol::user_message(&records);
+        let max_tokens = self
+            .settings
+            .max_tokens_per_record
+            .saturating_mul(items.len() as u32)
+            .saturating_add(50);
+        let body = protocol::request_body(
+            &self.settings.model,
+            &self.system_prompt,
+            &user,
+            self.settings.temperature,
+            max_tokens,
+            self.settings.response_format,
+            &self.schema,
+        );
+        // Charged to LLM_TPM: the prompt and the answer we expect (not the max_tokens ceiling).
+        let tokens = protocol::estimate_tokens(&self.system_prompt)
+            + protocol::estimate_tokens(&user)
+            + EXPECTED_ANSWER_TOKENS * items.len() as u32;
+        (body, tokens)
+    }
+
+    async fn call(&self, items: &[Item]) -> Call {
+        let (body, tokens) = self.body(items);
+        let backoff = Backoff::new(
+            self.settings.retry_delay,
+            std::time::Duration::from_secs(60),
+        );
+        let model = self.settings.model.as_str();
+        let mut attempt = 0u32;
+        loop {
+            if self.health.is_halted() || self.stop.is_cancelled() {
+                return Call::Stopped;
+            }
+            let result = tokio::select! {
+                r = self.client.complete(&body, tokens) => r,
+                () = self.stop.cancelled() => return Call::Stopped,
+                () = self.health.halt.cancelled() => return Call::Stopped,
+            };
+            match result {
+                Ok(answer) => {
+                    self.health.success();
+                    return Call::Answer(answer);
+                }
+                Err(CallError::Transient {
+                    reason,
+                    retry_after,
+                }) => {
+                    self.health.failure();
+                    let delay = backoff.delay_honouring(attempt, retry_after);
+                    attempt = attempt.saturating_add(1);
+                    let kind = if reason.starts_with("HTTP 429") {
+                        "429"
+                    } else {
+                        "transient"
+                    };
+                    self.metrics
+                        .llm_retries
+                        .with_label_values(&[model, kind])
+                        .inc();
+                    warn!(%reason, attempt, retry_in_ms = delay.as_millis() as u64, records = items.len(), "LLM request failed, retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.stop.cancelled() => return Call::Stopped,
+                        () = self.health.halt.cancelled() => return Call::Stopped,
+                    }
+                }
+                Err(e @ (CallError::Unauthorized { .. } | CallError::Misconfigured { .. })) => {
+                    self.health.halt_with(e.to_string());
+                    return Call::Stopped;
+                }
+                Err(e @ CallError::Rejected { .. }) => return Call::Rejected(e.to_string()),
+            }
+        }
+    }
+
+    /// Enriches `items`, retrying and splitting as described in the module docs.
+    pub async fn process(&self, items: Vec<Item>) -> BatchResult {
+        let mut result = BatchResult::default();
+        let mut queue: VecDeque<Vec<Item>> = VecDeque::from([items]);
+        let model = self.settings.model.clone();
+        while let Some(mut batch) = queue.pop_front() {
+            if batch.is_empty() {
+                continue;
+            }
+            self.metrics
+                .batch_size
+                .with_label_values(&[&model])
+                .observe(batch.len() as f64);
+            let answer = match self.call(&batch).await {
+                Call::Stopped => {
+                    result.abandoned.extend(batch);
+                    result.abandoned.extend(queue.into_iter().flatten());
+                    return result;
+                }
+                Call::Rejected(reason) => {
+                    self.whole_batch_failed(batch, reason, &mut queue, &mut result);
+                    continue;
+                }
+                Call::Answer(a) => a,
+            };
+            if answer.finish_reason.as_deref() == Some("length") {
+                self.metrics
+                    .llm_retries
+                    .with_label_values(&[&model, "truncated"])
+                    .inc();
+                self.whole_batch_failed(
+                    batch,
+                    "the answer was truncated (finish_reason length)".into(),
+                    &mut queue,
+                    &mut result,
+                );
+                continue;
+            }
+            let content = answer
+                .content
+                .clone()
+                .or(answer.refusal.clone().map(|r| format!("refused: {r}")))
+                .unwrap_or_default();
+            let results = match protocol::results(&content) {
+                Ok(r) => r,
+                Err(reason) => {
+                    self.metrics
+                        .llm_retries
+                        .with_label_values(&[&model, "invalid_json"])
+                        .inc();
+                    self.whole_batch_failed(batch, reason, &mut queue, &mut result);
+                    continue;
+                }
+            };
+            let ids: Vec<&str> = batch.iter().map(|i| i.id.as_str()).collect();
+            let (mut matched, unknown) = protocol::match_results(&ids, results, &self.schema);
+            if !unknown.is_empty() {
+                warn!(unknown = ?unknown, "the answer has results for ids that were not asked; ignored");
+            }
+            let shares = self.usage_shares(&batch, &answer);
+            let mut failed = Vec::new();
+            let size = batch.len();
+            for (item, usage) in batch.drain(..).zip(shares) {
+                match matched.remove(&item.id) {
+                    Some(Ok(enrichment)) => result.outcomes.push((
+                        item.key,
+                        item.source.clone(),
+                        Outcome::Enriched { enrichment, usage },
+                    )),
+                    other => {
+                        let reason = match other {
+                            Some(Err(r)) => r,
+                            _ => "missing from the answer".to_string(),
+                        };
+                        let mut item = item;
+                        item.failed(reason);
+                        failed.push(item);
+                    }
+                }
+            }
+            self.retry_or_bury(failed, size, &mut queue, &mut result);
+        }
+        result
+    }
+
+    /// Failures of records' own results: count an attempt each, retry together, or bury.
+    fn retry_or_bury(
+        &self,
+        failed: Vec<Item>,
+        batch_size: usize,
+        queue: &mut VecDeque<Vec<Item>>,
+        result: &mut BatchResult,
+    ) {
+        if failed.is_empty() {
+            return;
+        }
+        let all_failed = failed.len() == batch_size;
+        for item in &failed {
+            tracing::debug!(record_id = %item.id, attempts = item.attempts, error = item.last_error.as_deref().unwrap_or(""), "record result rejected; retrying it");
+        }
+        let (dead, retry): (Vec<Item>, Vec<Item>) = failed
+            .into_iter()
+            .partition(|i| i.attempts >= self.settings.max_attempts);
+        for item in dead {
+            self.bury(item, result);
+        }
+        if retry.len() > 1 && all_failed {
+            let mut first = retry;
+            let second = first.split_off(first.len() / 2);
+            queue.push_back(first);
+            queue.push_back(second);
+        } else if !retry.is_empty() {
+            queue.push_back(retry);
+        }
+    }
+
+    /// A problem with the batch as a whole: split it; a record alone counts an attempt.
+    fn whole_batch_failed(
+        &self,
+        mut batch: Vec<Item>,
+        reason: String,
+        queue: &mut VecDeque<Vec<Item>>,
+        result: &mut BatchResult,
+    ) {
+        if batch.len() > 1 {
+            let second = batch.split_off(batch.len() / 2);
+            queue.push_back(batch);
+            queue.push_back(second);
+            return;
+        }
+        let Some(mut item) = batch.pop() else { return };
+        item.failed(reason);
+        if item.attempts >= self.settings.max_attempts {
+            self.bury(item, result);
+        } else {
+            queue.push_back(vec![item]);
+        }
+    }
+
+    fn bury(&self, item: Item, result: &mut BatchResult) {
+        let last = item.last_error.clone().unwrap_or_default();
+        warn!(source = %item.source, record_id = %item.id, attempts = item.attempts, error = %last, "record could not be enriched; dead-lettering it");
+        result.outcomes.push((
+            item.key,
+            item.source.clone(),
+            Outcome::Dead {
+                reason: format!(
+                    "no valid enrichment after {} attempts: {}",
+                    item.attempts,
+                    item.errors.join("; ")
+                ),
+                attempts: item.attempts,
+                last_error: item.last_error,
+            },
+        ));
+    }
+
+    /// Each record's share of the batch's tokens (prompt by size, completion evenly) and cost.
+    fn usage_shares(&self, batch: &[Item], answer: &Answer) -> Vec<Usage> {
+        let total_weight: u64 = batch
+            .iter()
+            .map(|i| u64::from(i.tokens.max(1)))
+            .sum::<u64>()
+            .max(1);
+        let n = batch.len() as u64;
+        let mut prompt_left = answer.prompt_tokens;
+        let mut completion_left = answer.completion_tokens;
+        batch
+            .iter()
+            .enumerate()
+            .map(|(k, item)| {
+                let last = k as u64 + 1 == n;
+                let prompt = if last {
+                    prompt_left
+                } else {
+                    answer.prompt_tokens * u64::from(item.tokens.max(1)) / total_weight
+                };
+                let completion = if last {
+                    completion_left
+                } else {
+                    answer.completion_tokens / n
+                };
+                prompt_left -= prompt.min(prompt_left);
+                completion_left -= completion.min(completion_left);
+                let cost_usd = (prompt as f64 * self.settings.price_input
+                    + completion as f64 * self.settings.price_output)
+                    / 1e6;
+                Usage {
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    cost_usd,
+                }
+            })
+            .collect()
+    }
+}
+
+impl ResponseFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFormat::JsonObject => "json_object",
+            ResponseFormat::JsonSchema => "json_schema",
+            ResponseFormat::None => "none",
+        }
+    }
+}

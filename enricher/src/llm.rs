@@ -1,0 +1,321 @@
+//! The HTTP client of the chat-completions endpoint: authentication, timeout, client-side
+//! limits (requests/min, tokens/min, concurrency — shared by every task of the process), and
+//! the classification of failures that decides retry, split or stop.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use serde_json::Value;
+use tardis_common::Secret;
+use tardis_common::backoff::parse_retry_after;
+use tokio::sync::Semaphore;
+use url::Url;
+
+use crate::metrics::EnrichMetrics;
+use crate::protocol::{Answer, parse_answer};
+
+/// Why a call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// 429, 5xx, timeouts, connection errors: retry with backoff (at least `retry_after`).
+    #[error("{reason}")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// 401/403: the key is wrong. Stop pulling; retrying cannot help.
+    #[error(
+        "the endpoint {endpoint} refused the API key (HTTP {status}); check LLM_API_KEY or HOLYSHEEP_API_KEY"
+    )]
+    Unauthorized { endpoint: String, status: u16 },
+    /// Other 4xx on the request as a whole (too large, malformed): split or dead-letter.
+    #[error("the endpoint rejected the request (HTTP {status}): {body}")]
+    Rejected { status: u16, body: String },
+    /// 404/405 and the like: the endpoint is misconfigured. Stop pulling.
+    #[error("the endpoint {endpoint} answered HTTP {status}; check PROCESSOR_ENDPOINT")]
+    Misconfigured { endpoint: String, status: u16 },
+}
+
+/// Client-side limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub concurrency: u32,
+    /// The largest number of tokens one request may need (for the TPM bucket's burst).
+    pub max_request_tokens: u32,
+}
+
+#[derive(Debug)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    endpoint: Url,
+    api_key: Option<Secret<String>>,
+    model: String,
+    rpm: Option<DefaultDirectRateLimiter>,
+    tpm: Option<DefaultDirectRateLimiter>,
+    concurrency: Arc<Semaphore>,
+    metrics: EnrichMetrics,
+}
+
+impl LlmClient {
+    pub fn new(
+        endpoint: Url,
+        api_key: Option<Secret<String>>,
+        model: String,
+        timeout: Duration,
+        limits: Limits,
+        metrics: EnrichMetrics,
+    ) -> Result<Self, reqwest::Error> {
+        tardis_common::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("tardis-enricher/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        // Smooth limits: one request per 60/rpm seconds, with a burst of one second's worth.
+        let rpm = limits.rpm.map(|r| {
+            let per = Duration::from_secs_f64(60.0 / f64::from(r.max(1)));
+            let burst = NonZeroU32::new((r / 60).max(1)).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(
+                Quota::with_period(per)
+                    .unwrap_or(Quota::per_minute(NonZeroU32::MIN))
+                    .allow_burst(burst),
+            )
+        });
+        let tpm = limits.tpm.map(|t| {
+            let per = Duration::from_secs_f64(60.0 / f64::from(t.max(1)));
+            let burst = NonZeroU32::new(limits.max_request_tokens.max(t / 60).min(t.max(1)).max(1))
+                .unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(
+                Quota::with_period(per)
+                    .unwrap_or(Quota::per_minute(NonZeroU32::MIN))
+                    .allow_burst(burst),
+            )
+        });
+        Ok(Self {
+            http,
+            endpoint,
+            api_key,
+            model,
+            rpm,
+            tpm,
+            concurrency: Arc::new(Semaphore::new(limits.concurrency.max(1) as usize)),
+            metrics,
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The endpoint without credentials or query, for messages.
+    pub fn endpoint_for_logs(&self) -> String {
+        let mut u = self.endpoint.clone();
+        u.set_query(None);
+        if u.set_username("").is_err() || u.set_password(None).is_err() {
+            tracing::trace!("endpoint has no credentials to remove");
+        }
+        u.to_string()
+    }
+
+    /// One request, within the limits. `tokens` is the estimate charged to the TPM limit.
+    pub async fn complete(&self, body: &Value, tokens: u32) -> Result<Answer, CallError> {
+        let _permit = self
+            .concurrency
+            .acquire()
+            .await
+            .map_err(|_| CallError::Transient {
+                reason: "shutting down".into(),
+                retry_after: None,
+            })?;
+        if let Some(l) = &self.rpm {
+            l.until_ready().await;
+        }
+        if let Some(l) = &self.tpm
+            && let Some(n) = NonZeroU32::new(tokens)
+            && l.until_n_ready(n).await.is_err()
+        {
+            // More than the bucket holds: wait for a full bucket instead of failing.
+            l.until_ready().await;
+        }
+        let mut request = self
+            .http
+            .post(self.endpoint.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(key) = &self.api_key {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                    .map_err(|_| CallError::Rejected {
+                        status: 0,
+                        body: "the API key is not a valid header value".into(),
+                    })?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        let started = tokio::time::Instant::now();
+        let result = request.send().await;
+        let model = self.model.as_str();
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                self.metrics
+                    .llm_requests
+                    .with_label_values(&[model, kind])
+                    .inc();
+                let reason = format!("{kind}: {}", tardis_common::error::chain(&e.without_url()));
+                return Err(CallError::Transient {
+                    reason,
+                    retry_after: None,
+                });
+            }
+        };
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                self.metrics
+                    .llm_requests
+                    .with_label_values(&[model, kind])
+                    .inc();
+                return Err(CallError::Transient {
+                    reason: format!(
+                        "{kind} while reading the answer: {}",
+                        tardis_common::error::chain(&e.without_url())
+                    ),
+                    retry_after: None,
+                });
+            }
+        };
+        self.metrics
+            .llm_duration
+            .with_label_values(&[model])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .llm_requests
+            .with_label_values(&[model, status.as_str()])
+            .inc();
+        let snippet = || {
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(300)
+                .collect::<String>()
+        };
+        match status {
+            s if s.is_success() => parse_answer(&body).map_err(|reason| CallError::Transient {
+                reason,
+                retry_after: None,
+            }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(CallError::Unauthorized {
+                endpoint: self.endpoint_for_logs(),
+                status: status.as_u16(),
+            }),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT => {
+                Err(CallError::Transient {
+                    reason: format!("HTTP {}: {}", status.as_u16(), snippet()),
+                    retry_after,
+                })
+            }
+            s if s.is_server_error() => Err(CallError::Transient {
+                reason: format!("HTTP {}: {}", status.as_u16(), snippet()),
+                retry_after,
+            }),
+            StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY => Err(CallError::Rejected {
+                status: status.as_u16(),
+                body: snippet(),
+            }),
+            _ => Err(CallError::Misconfigured {
+                endpoint: self.endpoint_for_logs(),
+                status: status.as_u16(),
+            }),
+        }
+    }
+}
+
+/// The longest of `Retry-After` and `x-ratelimit-reset-requests` / `-tokens`.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut waits = Vec::new();
+    if let Some(v) =
+        header(RETRY_AFTER.as_str()).and_then(|v| parse_retry_after(v, SystemTime::now()))
+    {
+        waits.push(v);
+    }
+    for name in ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"] {
+        if let Some(v) = header(name).and_then(parse_reset) {
+            waits.push(v);
+        }
+    }
+    waits.into_iter().max()
+}
+
+/// OpenAI's reset durations: `1s`, `6m0s`, `20ms`, `1h2m3.5s`, or plain seconds.
+pub fn parse_reset(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0;
+    let mut number = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let n: f64 = number.parse().ok()?;
+        number.clear();
+        let unit = match c {
+            'h' => 3600.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                0.001
+            }
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+        total += n * unit;
+    }
+    if !number.is_empty() {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_durations() {
+        assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(
+            parse_reset("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn the_longest_hint_wins() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "7s".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+}

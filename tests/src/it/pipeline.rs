@@ -1,0 +1,195 @@
+//! The whole pipeline with the real binaries as processes:
+//! demo-source → fetcher → NATS → enricher (mock-llm) → writer → Postgres.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use devtools::demo_source::{DemoConfig, Running as DemoSource};
+use devtools::mock_llm::{MockConfig, Running as MockLlm};
+use serde_json::{Value, json};
+
+use super::support::legacy_env;
+use super::writer::migrate;
+use crate::harness::{Captured, TestDb, TestNats, bins, free_port, wait_for};
+
+fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -> Result<Captured> {
+    let mut cmd = Command::new(bins::bin(name)?);
+    cmd.args(args)
+        .env_clear()
+        .envs(env)
+        .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?));
+    Captured::spawn(cmd)
+}
+
+async fn fetch_once(env: &BTreeMap<String, String>) -> Result<String> {
+    let child = spawn("fetcher", &["run"], env)?;
+    let (status, output) = tokio::task::spawn_blocking(move || {
+        let mut c = child;
+        c.child.wait().map(|s| (s, c.output()))
+    })
+    .await??;
+    anyhow::ensure!(status.success(), "fetcher run failed:\n{output}");
+    Ok(output)
+}
+
+#[tokio::test]
+async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let demo = DemoSource::start(DemoConfig {
+        backlog: 5000,
+        rate: 100.0,
+        tie_group: 7,
+        frozen: true,
+        ..DemoConfig::default()
+    })
+    .await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+
+    // The legacy ConfigMap and Secret, pointed at the local stand-ins.
+    let mut env = legacy_env();
+    let sources: Value = serde_json::from_str(&env["DATA_SOURCES"])?;
+    let sources: Vec<Value> = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s["url"] = json!(
+                s["url"]
+                    .as_str()
+                    .unwrap()
+                    .replace("https://api.example.com", &demo.url(""))
+            );
+            s
+        })
+        .collect();
+    env.insert("DATA_SOURCES".into(), Value::Array(sources).to_string());
+    env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
+    env.insert("NATS_URL".into(), t.url.clone());
+    env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
+    env.insert("DATABASE_URL".into(), db.url.clone());
+    env.insert("PGSSLMODE".into(), "disable".into());
+    env.insert("LLM_CONCURRENCY".into(), "8".into());
+    env.insert("ENRICH_BATCH_LINGER".into(), "20ms".into());
+
+    migrate(&env).await?;
+    let writer = spawn("writer", &[], &env)?;
+    let enricher = spawn("enricher", &[], &env)?;
+    let fetched = fetch_once(&env).await?;
+    assert!(
+        fetched.contains("market_data: succeeded, 5000 records"),
+        "{fetched}"
+    );
+    assert!(
+        fetched.contains("user_events: succeeded, 5000 records"),
+        "{fetched}"
+    );
+
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            anyhow::Ok(
+                db.connect()
+                    .await?
+                    .query_one(sql, &[])
+                    .await?
+                    .get::<_, i64>(0),
+            )
+        }
+    };
+    let waited = wait_for("10,000 rows", Duration::from_secs(180), || async {
+        Ok((count("SELECT count(*) FROM records").await? >= 10_000).then_some(()))
+    })
+    .await;
+    if let Err(e) = waited {
+        panic!(
+            "{e}\nenricher:\n{}\nwriter:\n{}",
+            enricher.output(),
+            writer.output()
+        );
+    }
+    assert_eq!(count("SELECT count(*) FROM records").await?, 10_000);
+    assert_eq!(
+        count("SELECT count(*) FROM records WHERE enrichment->>'sentiment' IN ('positive','neutral','negative') AND length(enrichment->>'category') > 0 AND enrichment ? 'summary'").await?,
+        10_000,
+        "every row has a valid enrichment"
+    );
+    let client = db.connect().await?;
+    for (source, kind) in [
+        ("market_data", devtools::demo_source::Kind::MarketData),
+        ("user_events", devtools::demo_source::Kind::UserEvents),
+    ] {
+        let last = demo.demo.record(kind, 5000);
+        let cp: Value = client
+            .query_one(
+                "SELECT cursor FROM source_checkpoints WHERE source = $1",
+                &[&source],
+            )
+            .await?
+            .get(0);
+        assert_eq!(cp["id"], "5000", "{source} checkpoint");
+        let at = chrono::DateTime::parse_from_rfc3339(cp["updated_at"].as_str().unwrap())?.to_utc();
+        let expected =
+            chrono::DateTime::parse_from_rfc3339(last["updated_at"].as_str().unwrap())?.to_utc();
+        assert_eq!(at, expected, "{source} checkpoint time");
+    }
+    wait_for(
+        "both fetch runs recorded",
+        Duration::from_secs(30),
+        || async {
+            Ok((count(
+                "SELECT count(*) FROM fetch_runs WHERE outcome = 'succeeded' AND records = 5000",
+            )
+            .await?
+                == 2)
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // New records appear; a second run brings only those.
+    demo.demo.extend(10);
+    let fetched = fetch_once(&env).await?;
+    assert!(
+        fetched.contains("market_data: succeeded, 10 records"),
+        "{fetched}"
+    );
+    assert!(
+        fetched.contains("user_events: succeeded, 10 records"),
+        "{fetched}"
+    );
+    wait_for("10,020 rows", Duration::from_secs(60), || async {
+        Ok((count("SELECT count(*) FROM records").await? >= 10_020).then_some(()))
+    })
+    .await?;
+    assert_eq!(count("SELECT count(*) FROM records").await?, 10_020);
+    assert_eq!(count("SELECT count(*) FROM dead_letters").await?, 0);
+    let stats = llm.mock.stats();
+    // Both sources number their records from 1, so every id was sent twice: once per source.
+    let resent: Vec<(&String, &Value)> = stats["calls_per_id"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, c)| c.as_u64() != Some(2))
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "records sent to the LLM more than once per source: {resent:?}\nenricher warnings:\n{}",
+        enricher
+            .output()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let (code, out) = tokio::task::spawn_blocking(move || enricher.terminate()).await??;
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = tokio::task::spawn_blocking(move || writer.terminate()).await??;
+    assert_eq!(code, Some(0), "{out}");
+    Ok(())
+}

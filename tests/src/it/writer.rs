@@ -1,0 +1,554 @@
+//! The writer against real Postgres and nats-server: migrations, idempotent upserts,
+//! monotonic checkpoints, crashes and outages.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tardis_common::messages::{
+    self, Cursor, DeadLetter, EnrichedChunk, EnrichedRecord, SCHEMA_VERSION, SourceRecord, Stage,
+    Usage,
+};
+use tardis_common::nats::{StreamKind, Topology, publish_durably};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Captured, PostgresServer, TestDb, TestNats, bins, free_port, wait_for};
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+}
+
+pub fn env(t: &TestNats, db_url: &str) -> BTreeMap<String, String> {
+    [
+        ("NATS_URL", t.url.as_str()),
+        ("TARDIS_PREFIX", t.prefix.as_str()),
+        ("OPS_ADDR", "127.0.0.1:0"),
+        ("DATABASE_URL", db_url),
+        ("PGSSLMODE", "disable"),
+        ("WRITER_BATCH_WAIT", "100ms"),
+        ("WRITER_ACK_WAIT", "3s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+pub async fn migrate(env: &BTreeMap<String, String>) -> Result<String> {
+    let out = tokio::task::spawn_blocking({
+        let env = env.clone();
+        move || {
+            Command::new(bins::bin("writer")?)
+                .arg("migrate")
+                .env_clear()
+                .envs(&env)
+                .output()
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "writer migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn start(
+    env: &BTreeMap<String, String>,
+) -> Result<(
+    CancellationToken,
+    tokio::task::JoinHandle<Result<std::process::ExitCode>>,
+)> {
+    let config = writer::Config::from_env(env)?;
+    let stop = CancellationToken::new();
+    Ok((stop.clone(), tokio::spawn(writer::run(config, stop))))
+}
+
+async fn stop(
+    h: (
+        CancellationToken,
+        tokio::task::JoinHandle<Result<std::process::ExitCode>>,
+    ),
+) -> Result<()> {
+    h.0.cancel();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), h.1).await???,
+        std::process::ExitCode::SUCCESS
+    );
+    Ok(())
+}
+
+/// An enriched chunk of `records` = (id, updated_at, payload text).
+fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
+    let recs: Vec<EnrichedRecord> = records
+        .iter()
+        .map(|(id, t, text)| EnrichedRecord {
+            id: id.to_string(),
+            updated_at: Some(at(t)),
+            payload: serde_json::value::RawValue::from_string(
+                json!({"id": id, "text": text}).to_string(),
+            )
+            .unwrap(),
+            enrichment: json!({"sentiment": "neutral", "category": "test", "summary": text}),
+            model: "m".into(),
+            prompt_version: "v1-test".into(),
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost_usd: 0.000_006,
+            },
+            enriched_at: Utc::now(),
+        })
+        .collect();
+    let last = records
+        .iter()
+        .max_by_key(|(id, t, _)| (at(t), id.parse::<u64>().unwrap_or(0)))
+        .unwrap();
+    let source_records: Vec<SourceRecord> = recs
+        .iter()
+        .map(|r| SourceRecord {
+            id: r.id.clone(),
+            updated_at: r.updated_at,
+            payload: r.payload.clone(),
+        })
+        .collect();
+    EnrichedChunk {
+        schema_version: SCHEMA_VERSION,
+        source: source.into(),
+        chunk_id: messages::chunk_id(source, &source_records),
+        run_id: "r".into(),
+        chunk_seq: 0,
+        records: recs,
+        cursor_after: Some(Cursor::Position {
+            updated_at: at(last.1),
+            id: last.0.to_string(),
+        }),
+        fetched_at: Utc::now(),
+    }
+}
+
+/// Publishes `c` with a fresh `Nats-Msg-Id` (a replay JetStream does not de-duplicate).
+async fn publish(t: &TestNats, c: &EnrichedChunk) -> Result<()> {
+    Topology::new(t.names(), Default::default())
+        .provision(&t.jetstream(), &[StreamKind::Enriched], &[], false)
+        .await?;
+    let id = format!("{}-{}", c.msg_id(), crate::harness::unique_suffix());
+    publish_durably(
+        &t.jetstream(),
+        &t.names().enriched_subject(&c.source),
+        &id,
+        messages::encode(c)?.into(),
+        Duration::from_secs(10),
+        &CancellationToken::new(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn count(db: &TestDb, sql: &str) -> Result<i64> {
+    Ok(db.connect().await?.query_one(sql, &[]).await?.get(0))
+}
+
+async fn wait_rows(db: &TestDb, n: i64, within: Duration) -> Result<()> {
+    wait_for(&format!("{n} rows in records"), within, || async {
+        Ok((count(db, "SELECT count(*) FROM records").await? >= n).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_the_writer_refuses_a_schema_it_does_not_know() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    // Not migrated: the writer refuses and says how to fix it.
+    let out = tokio::task::spawn_blocking({
+        let e = e.clone();
+        move || {
+            Command::new(bins::bin("writer")?)
+                .env_clear()
+                .envs(&e)
+                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+                .output()
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await??;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("the database schema is not initialised; run `writer migrate` first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let first = migrate(&e).await?;
+    assert!(
+        first.lines().any(|l| l == "applied migration 1 (init)"),
+        "{first}"
+    );
+    let second = migrate(&e).await?;
+    assert!(
+        second.lines().any(|l| l == "schema up to date (version 1)"),
+        "{second}"
+    );
+    assert!(!second.contains("applied migration"), "{second}");
+    let tables = count(&db, "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('records','source_checkpoints','dead_letters','fetch_runs')").await?;
+    assert_eq!(tables, 4);
+
+    db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum) VALUES (99, 'future', 'x')").await?;
+    let out = tokio::task::spawn_blocking({
+        let e = e.clone();
+        move || {
+            Command::new(bins::bin("writer")?)
+                .env_clear()
+                .envs(&e)
+                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+                .output()
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await??;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("newer than this writer knows (1); upgrade the writer")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn replays_and_out_of_order_versions_leave_one_row_per_record_with_the_newest() -> Result<()>
+{
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    let older = chunk(
+        "s",
+        &[
+            ("1", "2026-11-01T10:00:00Z", "old one"),
+            ("2", "2026-11-01T10:00:00Z", "two"),
+        ],
+    );
+    let newer = chunk(
+        "s",
+        &[
+            ("1", "2026-11-01T11:00:00Z", "new one"),
+            ("3", "2026-11-01T11:00:00Z", "three"),
+        ],
+    );
+    // Newest first, then the older version arrives late, twice.
+    publish(&t, &newer).await?;
+    publish(&t, &older).await?;
+    publish(&t, &older).await?;
+    let running = start(&e)?;
+    wait_rows(&db, 3, Duration::from_secs(30)).await?;
+    wait_for(
+        "the enriched stream to drain",
+        Duration::from_secs(30),
+        || async {
+            Ok((t
+                .jetstream()
+                .get_stream(t.names().stream(StreamKind::Enriched))
+                .await?
+                .info()
+                .await?
+                .state
+                .messages
+                == 0)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let client = db.connect().await?;
+    let rows = client.query("SELECT record_id, payload->>'text', xmin::text::bigint FROM records ORDER BY record_id", &[]).await?;
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("1".into(), "new one".into()),
+            ("2".into(), "two".into()),
+            ("3".into(), "three".into())
+        ]
+    );
+    let cp = client
+        .query_one(
+            "SELECT cursor, records_written FROM source_checkpoints WHERE source = 's'",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        cp.get::<_, serde_json::Value>(0),
+        json!({"kind": "position", "updated_at": "2026-11-01T11:00:00Z", "id": "3"}),
+        "the checkpoint is the maximum, whatever the order"
+    );
+    assert_eq!(cp.get::<_, i64>(1), 3, "the stale versions changed nothing");
+    let xmins: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
+
+    // An identical replay of everything: no row is touched.
+    publish(&t, &newer).await?;
+    publish(&t, &older).await?;
+    wait_for(
+        "the replays to be consumed",
+        Duration::from_secs(30),
+        || async {
+            Ok((t
+                .jetstream()
+                .get_stream(t.names().stream(StreamKind::Enriched))
+                .await?
+                .info()
+                .await?
+                .state
+                .messages
+                == 0)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let after: Vec<i64> = client
+        .query(
+            "SELECT xmin::text::bigint FROM records ORDER BY record_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after, xmins, "identical replays leave the rows untouched");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT records_written FROM source_checkpoints WHERE source = 's'"
+        )
+        .await?,
+        3
+    );
+    stop(running).await
+}
+
+#[tokio::test]
+async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    Topology::new(t.names(), Default::default())
+        .provision(
+            &t.jetstream(),
+            &[StreamKind::DeadLetters, StreamKind::Runs],
+            &[],
+            false,
+        )
+        .await?;
+    let letter = DeadLetter {
+        schema_version: SCHEMA_VERSION,
+        source: "s".into(),
+        stage: Stage::Enrich,
+        chunk_id: "c".into(),
+        run_id: "r".into(),
+        record: SourceRecord {
+            id: "42".into(),
+            updated_at: None,
+            payload: serde_json::value::RawValue::from_string("{\"id\":42}".into())?,
+        },
+        reason: "no valid enrichment after 3 attempts: sentiment".into(),
+        attempts: 3,
+        last_error: Some("sentiment".into()),
+        failed_at: Utc::now(),
+    };
+    for _ in 0..2 {
+        publish_durably(
+            &t.jetstream(),
+            &t.names().dlq_subject(Stage::Enrich, "s"),
+            &format!("x{}", crate::harness::unique_suffix()),
+            messages::encode(&letter)?.into(),
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await?;
+    }
+    let run = tardis_common::messages::FetchRun {
+        schema_version: SCHEMA_VERSION,
+        run_id: "run-1".into(),
+        source: "s".into(),
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        records: 7,
+        pages: 1,
+        chunks: 1,
+        bytes: 100,
+        outcome: tardis_common::messages::RunOutcome::Succeeded,
+        error: None,
+        cursor_after: None,
+    };
+    publish_durably(
+        &t.jetstream(),
+        &t.names().runs_subject("s"),
+        &run.msg_id(),
+        messages::encode(&run)?.into(),
+        Duration::from_secs(5),
+        &CancellationToken::new(),
+    )
+    .await?;
+    let running = start(&e)?;
+    wait_for(
+        "the dead letter and the run",
+        Duration::from_secs(30),
+        || async {
+            Ok((count(&db, "SELECT count(*) FROM dead_letters").await? == 1
+                && count(&db, "SELECT count(*) FROM fetch_runs").await? == 1)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let row = db
+        .connect()
+        .await?
+        .query_one(
+            "SELECT stage, record_id, reason, attempts, occurrences FROM dead_letters",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, i32>(3),
+            row.get::<_, i32>(4)
+        ),
+        ("enrich".into(), "42".into(), 3, 1),
+        "a replayed dead letter is one occurrence"
+    );
+    assert!(row.get::<_, String>(2).contains("sentiment"));
+    assert_eq!(
+        count(&db, "SELECT records FROM fetch_runs WHERE run_id = 'run-1'").await?,
+        7
+    );
+    stop(running).await
+}
+
+#[tokio::test]
+async fn a_writer_killed_between_commit_and_ack_loses_and_duplicates_nothing() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    for i in 0..5 {
+        let a = format!("{}", i * 2 + 1);
+        let b = format!("{}", i * 2 + 2);
+        publish(
+            &t,
+            &chunk(
+                "s",
+                &[
+                    (&a, "2026-11-01T10:00:00Z", "x"),
+                    (&b, "2026-11-01T10:00:01Z", "y"),
+                ],
+            ),
+        )
+        .await?;
+    }
+    let mut cmd = Command::new(bins::bin("writer")?);
+    cmd.env_clear()
+        .envs(&e)
+        .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+        .env("WRITER_TEST_CRASH_AFTER_COMMIT", "true")
+        .env("WRITER_BATCH_MESSAGES", "2");
+    let crashing = Captured::spawn(cmd)?;
+    let status = tokio::task::spawn_blocking(move || {
+        let mut c = crashing;
+        c.child.wait().map(|s| (s, c.output()))
+    })
+    .await??;
+    assert!(
+        !status.0.success(),
+        "the hook aborts the writer: {}",
+        status.1
+    );
+    assert!(
+        status
+            .1
+            .contains("aborting after the commit, before the ack"),
+        "{}",
+        status.1
+    );
+    let committed = count(&db, "SELECT count(*) FROM records").await?;
+    assert!(
+        committed > 0 && committed < 10,
+        "one batch committed, {committed} rows"
+    );
+    let running = start(&e)?;
+    wait_rows(&db, 10, Duration::from_secs(30)).await?;
+    wait_for("the stream to drain", Duration::from_secs(30), || async {
+        Ok((t
+            .jetstream()
+            .get_stream(t.names().stream(StreamKind::Enriched))
+            .await?
+            .info()
+            .await?
+            .state
+            .messages
+            == 0)
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(count(&db, "SELECT count(*) FROM records").await?, 10);
+    assert_eq!(
+        count(&db, "SELECT records_written FROM source_checkpoints").await?,
+        10,
+        "the replayed batch wrote nothing twice"
+    );
+    stop(running).await
+}
+
+#[tokio::test]
+async fn postgres_down_for_ten_seconds_mid_stream_loses_nothing() -> Result<()> {
+    let t = TestNats::new().await?;
+    let mut pg = PostgresServer::start().await?;
+    let db = TestDb::on(&pg.admin_url()).await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    let running = start(&e)?;
+    let mut published = 0u64;
+    let next = |n: u64| {
+        let id = n.to_string();
+        chunk("s", &[(id.as_str(), "2026-11-01T10:00:00Z", "z")])
+    };
+    for _ in 0..20 {
+        published += 1;
+        publish(&t, &next(published)).await?;
+    }
+    wait_rows(&db, 20, Duration::from_secs(30)).await?;
+    pg.stop().await?;
+    // Ten seconds without Postgres while records keep arriving.
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(10) {
+        published += 1;
+        publish(&t, &next(published)).await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    pg.restart().await?;
+    for _ in 0..20 {
+        published += 1;
+        publish(&t, &next(published)).await?;
+    }
+    wait_rows(&db, published as i64, Duration::from_secs(60)).await?;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM records").await?,
+        published as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT record_id) FROM records").await?,
+        published as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT records_written FROM source_checkpoints").await?,
+        published as i64
+    );
+    stop(running).await
+}

@@ -1,0 +1,455 @@
+//! The writer's consuming loops: gather up to `WRITER_BATCH_MESSAGES` messages or
+//! `WRITER_BATCH_WAIT`, write them in one transaction, commit, then ack them all.
+//!
+//! * Postgres unreachable (connection errors): nothing is acked, the batch is nak'd with a
+//!   delay, `/ready` says `postgres`, and no more is pulled until Postgres answers again.
+//! * A batch the database rejects for its data (SQLSTATE classes 22 and 23): each message is
+//!   retried alone, so one bad message cannot block the others; a message still rejected after
+//!   `WRITER_MAX_DELIVER` deliveries goes to `tardis.dlq.write.<source>` with the reason.
+//! * A message that cannot be decoded (unknown `schema_version`, bad JSON) is dead-lettered
+//!   at once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use tardis_common::messages::{
+    self, DeadLetter, EnrichedChunk, FetchRun, SCHEMA_VERSION, SourceRecord, Stage,
+};
+use tardis_common::nats::{Names, publish_durably};
+use tardis_common::ops::ReadyFlag;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::WriterMetrics;
+use crate::store;
+
+/// What a loop consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Records,
+    DeadLetters,
+    Runs,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Records => "writer",
+            Kind::DeadLetters => "writer-dlq",
+            Kind::Runs => "writer-runs",
+        }
+    }
+}
+
+enum Decoded {
+    Chunk(EnrichedChunk),
+    Letter(DeadLetter),
+    Run(FetchRun),
+}
+
+enum WriteError {
+    Connection(String),
+    Data(String),
+}
+
+fn classify(e: tokio_postgres::Error) -> WriteError {
+    let text = tardis_common::error::chain(&e);
+    match e.code().map(|c| c.code().to_string()) {
+        Some(code) if code.starts_with("22") || code.starts_with("23") => WriteError::Data(text),
+        _ => WriteError::Connection(text),
+    }
+}
+
+/// One consuming loop.
+#[derive(Debug)]
+pub struct Loop {
+    pub kind: Kind,
+    pub consumer: PullConsumer,
+    pub pool: Pool,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub metrics: WriterMetrics,
+    pub batch_messages: usize,
+    pub batch_wait: Duration,
+    pub max_deliver: i64,
+    pub pg_ready: ReadyFlag,
+    pub crash_after_commit: bool,
+}
+
+impl Loop {
+    pub async fn run(self, shutdown: CancellationToken) {
+        info!(consumer = self.kind.label(), "consuming");
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if !self.pg_ready.get() {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            let batch = self
+                .consumer
+                .fetch()
+                .max_messages(self.batch_messages)
+                .expires(self.batch_wait.max(Duration::from_millis(50)))
+                .messages()
+                .await;
+            let mut stream = match batch {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(%error, consumer = self.kind.label(), "pull failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let mut msgs = Vec::new();
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(error) => {
+                        debug!(%error, "pull batch ended");
+                        break;
+                    }
+                }
+            }
+            if !msgs.is_empty() {
+                self.handle(msgs).await;
+            }
+        }
+    }
+
+    fn decode(&self, msg: &jetstream::Message) -> Result<Decoded, String> {
+        let r = match self.kind {
+            Kind::Records => messages::decode::<EnrichedChunk>(&msg.payload).map(Decoded::Chunk),
+            Kind::DeadLetters => messages::decode::<DeadLetter>(&msg.payload).map(Decoded::Letter),
+            Kind::Runs => messages::decode::<FetchRun>(&msg.payload).map(Decoded::Run),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, msgs: Vec<jetstream::Message>) {
+        let mut good = Vec::new();
+        for msg in msgs {
+            match self.decode(&msg) {
+                Ok(d) => good.push((msg, d)),
+                Err(reason) => {
+                    self.reject(
+                        &msg,
+                        None,
+                        &format!("the message could not be read: {reason}"),
+                    )
+                    .await
+                }
+            }
+        }
+        if good.is_empty() {
+            return;
+        }
+        match self.write(&good).await {
+            Ok(()) => self.ack_all(&good).await,
+            Err(WriteError::Connection(e)) => {
+                warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "postgres unavailable; the batch goes back to the stream");
+                self.metrics
+                    .failures
+                    .with_label_values(&[self.kind.label(), "connection"])
+                    .inc();
+                self.pg_ready.set(false);
+                self.nak_all(&good).await;
+            }
+            Err(WriteError::Data(e)) if good.len() > 1 => {
+                warn!(error = %e, consumer = self.kind.label(), "the batch was rejected; writing its messages one by one");
+                for one in good {
+                    self.handle_single(one).await;
+                }
+            }
+            Err(WriteError::Data(e)) => {
+                if let Some(one) = good.pop() {
+                    self.rejected_alone(one, e).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_single(&self, one: (jetstream::Message, Decoded)) {
+        let batch = [one];
+        match self.write(&batch).await {
+            Ok(()) => self.ack_all(&batch).await,
+            Err(WriteError::Connection(e)) => {
+                warn!(error = %e, "postgres unavailable");
+                self.pg_ready.set(false);
+                self.nak_all(&batch).await;
+            }
+            Err(WriteError::Data(e)) => {
+                let [one] = batch;
+                self.rejected_alone(one, e).await;
+            }
+        }
+    }
+
+    async fn rejected_alone(&self, (msg, decoded): (jetstream::Message, Decoded), error: String) {
+        self.metrics
+            .failures
+            .with_label_values(&[self.kind.label(), "data"])
+            .inc();
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        if delivered >= self.max_deliver {
+            self.reject(
+                &msg,
+                Some(decoded),
+                &format!("Postgres rejected it {delivered} times: {error}"),
+            )
+            .await;
+        } else {
+            warn!(%error, delivered, "message rejected by Postgres; it will be retried");
+            if let Err(e) = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await
+            {
+                warn!(error = %e, "nak failed");
+            }
+        }
+    }
+
+    async fn write(&self, batch: &[(jetstream::Message, Decoded)]) -> Result<(), WriteError> {
+        let started = tokio::time::Instant::now();
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| WriteError::Connection(tardis_common::error::chain(&e)))?;
+        let tx = client.transaction().await.map_err(classify)?;
+        match self.kind {
+            Kind::Records => {
+                let chunks: Vec<EnrichedChunk> = batch
+                    .iter()
+                    .filter_map(|(_, d)| {
+                        if let Decoded::Chunk(c) = d {
+                            Some(c.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let rows = store::rows(&chunks);
+                let cursors = store::checkpoints(&chunks);
+                let mut sources: Vec<String> = chunks.iter().map(|c| c.source.clone()).collect();
+                sources.sort();
+                sources.dedup();
+                let changed = store::write_records(&tx, &rows, &cursors, &sources)
+                    .await
+                    .map_err(classify)?;
+                tx.commit().await.map_err(classify)?;
+                let total: u64 = chunks.iter().map(|c| c.records.len() as u64).sum();
+                for source in &sources {
+                    let written = changed.get(source).copied().unwrap_or(0);
+                    let offered: u64 = chunks
+                        .iter()
+                        .filter(|c| &c.source == source)
+                        .map(|c| c.records.len() as u64)
+                        .sum();
+                    self.metrics
+                        .rows
+                        .with_label_values(&["records", source, "written"])
+                        .inc_by(written);
+                    self.metrics
+                        .rows
+                        .with_label_values(&["records", source, "unchanged"])
+                        .inc_by(offered.saturating_sub(written));
+                }
+                for (source, (cursor, _)) in &cursors {
+                    if let messages::Cursor::Position { updated_at, .. } = cursor {
+                        let age = (Utc::now() - *updated_at).num_milliseconds() as f64 / 1000.0;
+                        self.metrics
+                            .checkpoint_age
+                            .with_label_values(&[source])
+                            .set(age);
+                    }
+                }
+                debug!(records = total, messages = batch.len(), "batch committed");
+            }
+            Kind::DeadLetters => {
+                let letters: Vec<DeadLetter> = batch
+                    .iter()
+                    .filter_map(|(_, d)| {
+                        if let Decoded::Letter(l) = d {
+                            Some(l.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let n = store::write_dead_letters(&tx, &letters)
+                    .await
+                    .map_err(classify)?;
+                tx.commit().await.map_err(classify)?;
+                for l in &letters {
+                    warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");
+                }
+                self.metrics
+                    .rows
+                    .with_label_values(&["dead_letters", "all", "written"])
+                    .inc_by(n);
+            }
+            Kind::Runs => {
+                let runs: Vec<FetchRun> = batch
+                    .iter()
+                    .filter_map(|(_, d)| {
+                        if let Decoded::Run(r) = d {
+                            Some(r.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let n = store::write_runs(&tx, &runs).await.map_err(classify)?;
+                tx.commit().await.map_err(classify)?;
+                self.metrics
+                    .rows
+                    .with_label_values(&["fetch_runs", "all", "written"])
+                    .inc_by(n);
+            }
+        }
+        self.metrics
+            .commit_seconds
+            .with_label_values(&[self.kind.label()])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .batch_messages
+            .with_label_values(&[self.kind.label()])
+            .observe(batch.len() as f64);
+        if self.crash_after_commit && self.kind == Kind::Records {
+            error!(
+                "WRITER_TEST_CRASH_AFTER_COMMIT is set: aborting after the commit, before the ack"
+            );
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    async fn ack_all(&self, batch: &[(jetstream::Message, Decoded)]) {
+        for (msg, _) in batch {
+            // A lost ack only means a redelivery, which the upserts absorb.
+            if let Err(e) = msg.ack().await {
+                warn!(error = %e, "ack failed; the message will be redelivered and written again harmlessly");
+            }
+        }
+    }
+
+    async fn nak_all(&self, batch: &[(jetstream::Message, Decoded)]) {
+        for (msg, _) in batch {
+            if let Err(e) = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await
+            {
+                debug!(error = %e, "nak failed; redelivered after the ack wait");
+            }
+        }
+    }
+
+    /// Dead-letters what cannot be written (stage `write`), then terminates the message.
+    async fn reject(&self, msg: &jetstream::Message, decoded: Option<Decoded>, reason: &str) {
+        self.metrics
+            .failures
+            .with_label_values(&[self.kind.label(), "dead_lettered"])
+            .inc();
+        let letters: Vec<DeadLetter> = match (&decoded, self.kind) {
+            (_, Kind::DeadLetters) | (_, Kind::Runs) => {
+                // A dead letter or run report that cannot be stored is logged, not re-queued.
+                error!(reason, subject = %msg.subject, "message cannot be stored; dropped after logging");
+                Vec::new()
+            }
+            (Some(Decoded::Chunk(c)), _) => c
+                .records
+                .iter()
+                .map(|r| DeadLetter {
+                    schema_version: SCHEMA_VERSION,
+                    source: c.source.clone(),
+                    stage: Stage::Write,
+                    chunk_id: c.chunk_id.clone(),
+                    run_id: c.run_id.clone(),
+                    record: SourceRecord {
+                        id: r.id.clone(),
+                        updated_at: r.updated_at,
+                        payload: r.payload.clone(),
+                    },
+                    reason: reason.to_string(),
+                    attempts: msg.info().map(|i| i.delivered as u32).unwrap_or(1),
+                    last_error: Some(reason.to_string()),
+                    failed_at: Utc::now(),
+                })
+                .collect(),
+            _ => {
+                let source = msg
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or("unknown")
+                    .to_string();
+                let text = String::from_utf8_lossy(&msg.payload)
+                    .chars()
+                    .take(65_536)
+                    .collect::<String>();
+                let payload = RawValue::from_string(serde_json::Value::String(text).to_string())
+                    .unwrap_or_else(|_| {
+                        RawValue::from_string("null".into()).expect("null is JSON")
+                    });
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                vec![DeadLetter {
+                    schema_version: SCHEMA_VERSION,
+                    source,
+                    stage: Stage::Write,
+                    chunk_id: format!("undecodable-{seq}"),
+                    run_id: String::new(),
+                    record: SourceRecord {
+                        id: format!("message-{seq}"),
+                        updated_at: None,
+                        payload,
+                    },
+                    reason: reason.to_string(),
+                    attempts: 1,
+                    last_error: Some(reason.to_string()),
+                    failed_at: Utc::now(),
+                }]
+            }
+        };
+        for letter in &letters {
+            let Ok(bytes) = messages::encode(letter) else {
+                continue;
+            };
+            let subject = self.names.dlq_subject(Stage::Write, &letter.source);
+            if let Err(e) = publish_durably(
+                &self.js,
+                &subject,
+                &letter.msg_id(),
+                bytes.into(),
+                Duration::from_secs(60),
+                &CancellationToken::new(),
+            )
+            .await
+            {
+                warn!(error = %e, "publishing a dead letter failed; the message will come back");
+                if let Err(e) = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await
+                {
+                    debug!(error = %e, "nak failed");
+                }
+                return;
+            }
+        }
+        warn!(reason, "message dead-lettered by the writer");
+        if let Err(e) = msg.ack_with(AckKind::Term).await {
+            warn!(error = %e, "terminating the message failed");
+        }
+    }
+}

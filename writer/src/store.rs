@@ -1,0 +1,288 @@
+//! The SQL of the writer: bulk upserts with UNNEST (one statement per table per batch),
+//! newest version wins, checkpoint advanced monotonically — all inside the caller's
+//! transaction.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tardis_common::messages::{Cursor, DeadLetter, EnrichedChunk, FetchRun};
+use tokio_postgres::Transaction;
+
+/// One row of `records`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordRow {
+    pub source: String,
+    pub record_id: String,
+    pub payload: String,
+    pub enrichment: serde_json::Value,
+    pub model: String,
+    pub prompt_version: String,
+    pub content_hash: String,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+    pub fetched_at: DateTime<Utc>,
+    pub enriched_at: DateTime<Utc>,
+}
+
+impl RecordRow {
+    fn version(&self) -> (Option<DateTime<Utc>>, &str) {
+        (self.updated_at, &self.content_hash)
+    }
+}
+
+/// The version key of a record: a hash of its payload as the source sent it.
+pub fn content_hash(payload: &str) -> String {
+    hex::encode(&Sha256::digest(payload.as_bytes())[..16])
+}
+
+/// The rows of `chunks`, one per `(source, record_id)`: the newest by `(updated_at, hash)`.
+pub fn rows(chunks: &[EnrichedChunk]) -> Vec<RecordRow> {
+    let mut by_key: HashMap<(String, String), RecordRow> = HashMap::new();
+    for c in chunks {
+        for r in &c.records {
+            let row = RecordRow {
+                source: c.source.clone(),
+                record_id: r.id.clone(),
+                payload: r.payload.get().to_string(),
+                enrichment: r.enrichment.clone(),
+                model: r.model.clone(),
+                prompt_version: r.prompt_version.clone(),
+                content_hash: content_hash(r.payload.get()),
+                updated_at: r.updated_at,
+                prompt_tokens: r.usage.prompt_tokens as i64,
+                completion_tokens: r.usage.completion_tokens as i64,
+                cost_usd: r.usage.cost_usd,
+                fetched_at: c.fetched_at,
+                enriched_at: r.enriched_at,
+            };
+            let key = (row.source.clone(), row.record_id.clone());
+            match by_key.get(&key) {
+                Some(existing) if existing.version() >= row.version() => {}
+                _ => {
+                    by_key.insert(key, row);
+                }
+            }
+        }
+    }
+    let mut rows: Vec<RecordRow> = by_key.into_values().collect();
+    rows.sort_by(|a, b| (&a.source, &a.record_id).cmp(&(&b.source, &b.record_id)));
+    rows
+}
+
+/// The sort key of a cursor: `(updated_at, id)` with numeric ids zero-padded so text order
+/// is numeric order; token cursors are ordered by when their chunk was fetched.
+pub fn cursor_key(cursor: &Cursor, fetched_at: DateTime<Utc>) -> (DateTime<Utc>, String) {
+    match cursor {
+        Cursor::Position { updated_at, id } => {
+            let key = if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+                format!("0{:0>39}", id.trim_start_matches('0'))
+            } else {
+                format!("1{id}")
+            };
+            (*updated_at, key)
+        }
+        Cursor::Token { .. } => (fetched_at, String::new()),
+    }
+}
+
+/// Per source: the latest cursor among `chunks`.
+pub fn checkpoints(chunks: &[EnrichedChunk]) -> HashMap<String, (Cursor, (DateTime<Utc>, String))> {
+    let mut out: HashMap<String, (Cursor, (DateTime<Utc>, String))> = HashMap::new();
+    for c in chunks {
+        let Some(cursor) = &c.cursor_after else {
+            continue;
+        };
+        let key = cursor_key(cursor, c.fetched_at);
+        match out.get(&c.source) {
+            Some((_, existing)) if *existing >= key => {}
+            _ => {
+                out.insert(c.source.clone(), (cursor.clone(), key));
+            }
+        }
+    }
+    out
+}
+
+/// Upserts `rows` and advances the checkpoints; returns rows changed per source.
+pub async fn write_records(
+    tx: &Transaction<'_>,
+    rows: &[RecordRow],
+    cursors: &HashMap<String, (Cursor, (DateTime<Utc>, String))>,
+    sources: &[String],
+) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
+    let mut changed: HashMap<String, u64> = sources.iter().map(|s| (s.clone(), 0)).collect();
+    if !rows.is_empty() {
+        let col = |f: fn(&RecordRow) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        let sources_col = col(|r| r.source.clone());
+        let ids = col(|r| r.record_id.clone());
+        let payloads = col(|r| r.payload.clone());
+        let enrichments: Vec<serde_json::Value> =
+            rows.iter().map(|r| r.enrichment.clone()).collect();
+        let models = col(|r| r.model.clone());
+        let versions = col(|r| r.prompt_version.clone());
+        let hashes = col(|r| r.content_hash.clone());
+        let updated: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.updated_at).collect();
+        let pt: Vec<i64> = rows.iter().map(|r| r.prompt_tokens).collect();
+        let ct: Vec<i64> = rows.iter().map(|r| r.completion_tokens).collect();
+        let cost: Vec<f64> = rows.iter().map(|r| r.cost_usd).collect();
+        let fetched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.fetched_at).collect();
+        let enriched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.enriched_at).collect();
+        let written = tx
+            .query(
+                "INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
+                    source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at)
+                 SELECT s, i, p::jsonb, e, m, pv, h, u, pt, ct, c, f, en, now()
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::text[],
+                             $8::timestamptz[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[])
+                      AS t(s, i, p, e, m, pv, h, u, pt, ct, c, f, en)
+                 ON CONFLICT (source, record_id) DO UPDATE SET
+                    payload = EXCLUDED.payload, enrichment = EXCLUDED.enrichment, model = EXCLUDED.model,
+                    prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
+                    source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
+                    completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
+                    fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now()
+                 WHERE (coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.content_hash)
+                     > (coalesce(r.source_updated_at, '-infinity'), r.content_hash)
+                 RETURNING source",
+                &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched],
+            )
+            .await?;
+        for row in written {
+            *changed.entry(row.get::<_, String>(0)).or_default() += 1;
+        }
+    }
+    for source in sources {
+        let n = changed.get(source).copied().unwrap_or(0) as i64;
+        let (cursor, at, key) = match cursors.get(source) {
+            Some((c, (at, key))) => (serde_json::to_value(c).ok(), Some(*at), Some(key.clone())),
+            None => (None, None, None),
+        };
+        tx.execute(
+            "INSERT INTO source_checkpoints AS c (source, cursor, cursor_updated_at, cursor_id_key, records_written, updated_at)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (source) DO UPDATE SET
+                records_written = c.records_written + EXCLUDED.records_written,
+                updated_at = now(),
+                cursor = CASE WHEN c.cursor_updated_at IS NULL
+                                OR (EXCLUDED.cursor_updated_at, EXCLUDED.cursor_id_key) > (c.cursor_updated_at, c.cursor_id_key)
+                              THEN coalesce(EXCLUDED.cursor, c.cursor) ELSE c.cursor END,
+                cursor_id_key = CASE WHEN c.cursor_updated_at IS NULL
+                                OR (EXCLUDED.cursor_updated_at, EXCLUDED.cursor_id_key) > (c.cursor_updated_at, c.cursor_id_key)
+                              THEN coalesce(EXCLUDED.cursor_id_key, c.cursor_id_key) ELSE c.cursor_id_key END,
+                cursor_updated_at = CASE WHEN c.cursor_updated_at IS NULL
+                                OR (EXCLUDED.cursor_updated_at, EXCLUDED.cursor_id_key) > (c.cursor_updated_at, c.cursor_id_key)
+                              THEN coalesce(EXCLUDED.cursor_updated_at, c.cursor_updated_at) ELSE c.cursor_updated_at END",
+            &[source, &cursor, &at, &key, &n],
+        )
+        .await?;
+    }
+    Ok(changed)
+}
+
+/// Upserts dead letters (one row per stage, source and record; a replay changes nothing).
+pub async fn write_dead_letters(
+    tx: &Transaction<'_>,
+    letters: &[DeadLetter],
+) -> Result<u64, tokio_postgres::Error> {
+    let mut by_key: HashMap<(String, String, String), &DeadLetter> = HashMap::new();
+    for l in letters {
+        let key = (
+            l.stage.as_str().to_string(),
+            l.source.clone(),
+            l.record.id.clone(),
+        );
+        match by_key.get(&key) {
+            Some(existing) if existing.failed_at >= l.failed_at => {}
+            _ => {
+                by_key.insert(key, l);
+            }
+        }
+    }
+    let list: Vec<&DeadLetter> = by_key.into_values().collect();
+    if list.is_empty() {
+        return Ok(0);
+    }
+    let stages: Vec<String> = list.iter().map(|l| l.stage.as_str().to_string()).collect();
+    let sources: Vec<String> = list.iter().map(|l| l.source.clone()).collect();
+    let ids: Vec<String> = list.iter().map(|l| l.record.id.clone()).collect();
+    let payloads: Vec<String> = list
+        .iter()
+        .map(|l| l.record.payload.get().to_string())
+        .collect();
+    let reasons: Vec<String> = list.iter().map(|l| l.reason.clone()).collect();
+    let errors: Vec<Option<String>> = list.iter().map(|l| l.last_error.clone()).collect();
+    let attempts: Vec<i32> = list.iter().map(|l| l.attempts as i32).collect();
+    let chunks: Vec<String> = list.iter().map(|l| l.chunk_id.clone()).collect();
+    let runs: Vec<String> = list.iter().map(|l| l.run_id.clone()).collect();
+    let at: Vec<DateTime<Utc>> = list.iter().map(|l| l.failed_at).collect();
+    tx.execute(
+        "INSERT INTO dead_letters AS d (stage, source, record_id, payload, reason, last_error, attempts, chunk_id, run_id, occurrences, first_seen, last_seen)
+         SELECT st, so, i, p::jsonb, r, e, a, c, ru, 1, t, t
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::text[], $9::text[], $10::timestamptz[])
+              AS x(st, so, i, p, r, e, a, c, ru, t)
+         ON CONFLICT (stage, source, record_id) DO UPDATE SET
+            payload = EXCLUDED.payload, reason = EXCLUDED.reason, last_error = EXCLUDED.last_error,
+            attempts = EXCLUDED.attempts, chunk_id = EXCLUDED.chunk_id, run_id = EXCLUDED.run_id,
+            occurrences = d.occurrences + 1, last_seen = EXCLUDED.last_seen
+         WHERE EXCLUDED.last_seen > d.last_seen",
+        &[&stages, &sources, &ids, &payloads, &reasons, &errors, &attempts, &chunks, &runs, &at],
+    )
+    .await
+}
+
+/// Inserts fetch runs (a replay changes nothing).
+pub async fn write_runs(
+    tx: &Transaction<'_>,
+    runs: &[FetchRun],
+) -> Result<u64, tokio_postgres::Error> {
+    let mut n = 0;
+    for r in runs {
+        n += tx
+            .execute(
+                "INSERT INTO fetch_runs (source, run_id, started_at, finished_at, records, pages, chunks, bytes, outcome, error, cursor_after)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (source, run_id) DO NOTHING",
+                &[
+                    &r.source,
+                    &r.run_id,
+                    &r.started_at,
+                    &r.finished_at,
+                    &(r.records as i64),
+                    &(r.pages as i64),
+                    &(r.chunks as i64),
+                    &(r.bytes as i64),
+                    &r.outcome.as_str(),
+                    &r.error,
+                    &r.cursor_after.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+                ],
+            )
+            .await?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_ids_sort_numerically_in_cursor_keys() {
+        let t = Utc::now();
+        let k = |id: &str| {
+            cursor_key(
+                &Cursor::Position {
+                    updated_at: t,
+                    id: id.into(),
+                },
+                t,
+            )
+            .1
+        };
+        assert!(k("9") < k("10"));
+        assert!(k("10") < k("abc"));
+        assert!(k("007") == k("7"));
+    }
+}
