@@ -122,3 +122,17 @@ impl Ops {
         }
     }
 }
+
+/// Connects to NATS with the worker's readiness latch; `None` when shutdown came first.
+pub async fn connect_nats(
+    settings: &crate::nats::NatsSettings,
+    client_name: &str,
+    ready: crate::ops::ReadyFlag,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<async_nats::Client>> {
+    match settings.connect(client_name, Some(ready), shutdown).await {
+        Ok(c) => Ok(Some(c)),
+        Err(crate::nats::NatsError::Cancelled) => Ok(None),
+        Err(e) => Err(e).context("connecting to NATS"),
+    }
+}

@@ -276,6 +276,40 @@ impl Envelope for DeadLetter {
 }
 
 impl DeadLetter {
+    /// A message that could not be decoded at `stage`: its text (the first 64 KiB) becomes
+    /// the record's payload, so nothing is lost and the reason says why.
+    pub fn undecodable(
+        stage: Stage,
+        subject: &str,
+        payload: &[u8],
+        stream_sequence: u64,
+        reason: &str,
+    ) -> DeadLetter {
+        let source = subject.rsplit('.').next().unwrap_or("unknown").to_string();
+        let text: String = String::from_utf8_lossy(payload)
+            .chars()
+            .take(65_536)
+            .collect();
+        let payload =
+            RawValue::from_string(serde_json::Value::String(text).to_string()).unwrap_or_default();
+        DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            source,
+            stage,
+            chunk_id: format!("undecodable-{stream_sequence}"),
+            run_id: String::new(),
+            record: SourceRecord {
+                id: format!("message-{stream_sequence}"),
+                updated_at: None,
+                payload,
+            },
+            reason: format!("the message could not be read: {reason}"),
+            attempts: 1,
+            last_error: Some(reason.to_string()),
+            failed_at: Utc::now(),
+        }
+    }
+
     pub fn msg_id(&self) -> String {
         format!(
             "dlq:{}:{}:{}:{}",

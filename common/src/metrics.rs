@@ -23,3 +23,12 @@ pub fn register_common(registry: &Registry, component: &str) -> prometheus::Resu
     ))?;
     Ok(())
 }
+
+/// Registers `collector` in `registry` and returns it (for building metric structs).
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tardis_common::app::Ops;
-use tardis_common::nats::{ConsumerKind, ConsumerSpec, NatsError, StreamKind, Topology};
+use tardis_common::nats::{ConsumerKind, ConsumerSpec, StreamKind, Topology};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -38,7 +38,10 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
         ack_wait: config.llm.timeout * 2,
         max_deliver: config.enrich.max_deliver,
         max_ack_pending: i64::from(config.enrich.max_in_flight) * 8,
-        backoff: Vec::new(),
+        // Redeliveries (a replica died, a publish failed) back off: 1, 2, 4, 8 ack waits.
+        backoff: (0..4.min(config.enrich.max_deliver.saturating_sub(1)) as u32)
+            .map(|k| config.llm.timeout * 2 * 2u32.pow(k))
+            .collect(),
         ..ConsumerSpec::new(ConsumerKind::Enricher)
     }
 }
@@ -49,18 +52,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics = metrics::EnrichMetrics::register(&ops.registry).context("registering metrics")?;
     let nats_ready = ops.readiness.flag("nats");
     let llm_ready = ops.readiness.flag("llm");
-    let client = match config
-        .common
-        .nats
-        .connect("tardis-enricher", Some(nats_ready), &shutdown)
-        .await
-    {
-        Ok(c) => c,
-        Err(NatsError::Cancelled) => {
-            ops.stop().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e).context("connecting to NATS"),
+    let Some(client) = tardis_common::app::connect_nats(
+        &config.common.nats,
+        "tardis-enricher",
+        nats_ready,
+        &shutdown,
+    )
+    .await?
+    else {
+        ops.stop().await;
+        return Ok(ExitCode::SUCCESS);
     };
     let js = async_nats::jetstream::new(client.clone());
     let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());

@@ -20,13 +20,7 @@ pub struct EnrichMetrics {
 
 impl EnrichMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> prometheus::Result<C> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
+        use tardis_common::metrics::register as reg;
         Ok(Self {
             records: reg(
                 registry,

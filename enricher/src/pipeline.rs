@@ -25,10 +25,8 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
-use serde_json::value::RawValue;
 use tardis_common::messages::{
-    self, DeadLetter, EnrichedChunk, EnrichedRecord, RecordChunk, SCHEMA_VERSION, SourceRecord,
-    Stage,
+    self, DeadLetter, EnrichedChunk, EnrichedRecord, RecordChunk, SCHEMA_VERSION, Stage,
 };
 use tardis_common::nats::{Names, publish_durably};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -253,36 +251,15 @@ impl Pipeline {
     }
 
     async fn dead_letter_undecodable(&self, msg: &jetstream::Message, reason: &str) {
-        let source = msg
-            .subject
-            .as_str()
-            .rsplit('.')
-            .next()
-            .unwrap_or("unknown")
-            .to_string();
-        let text = String::from_utf8_lossy(&msg.payload)
-            .chars()
-            .take(65_536)
-            .collect::<String>();
-        let payload = RawValue::from_string(serde_json::Value::String(text).to_string())
-            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let letter = DeadLetter {
-            schema_version: SCHEMA_VERSION,
-            source: source.clone(),
-            stage: Stage::Enrich,
-            chunk_id: format!("undecodable-{seq}"),
-            run_id: String::new(),
-            record: SourceRecord {
-                id: format!("message-{seq}"),
-                updated_at: None,
-                payload,
-            },
-            reason: format!("the message could not be read: {reason}"),
-            attempts: 1,
-            last_error: Some(reason.to_string()),
-            failed_at: Utc::now(),
-        };
+        let letter = DeadLetter::undecodable(
+            Stage::Enrich,
+            msg.subject.as_str(),
+            &msg.payload,
+            seq,
+            reason,
+        );
+        let source = &letter.source;
         warn!(%source, seq, %reason, "undecodable message dead-lettered");
         let ok = self.publish_letter(&letter).await;
         let result = if ok {

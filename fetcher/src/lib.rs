@@ -30,7 +30,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tardis_common::app::Ops;
 use tardis_common::messages::RunOutcome;
-use tardis_common::nats::{NatsError, StreamKind, Topology};
+use tardis_common::nats::{StreamKind, Topology};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -57,18 +57,16 @@ pub async fn run_with(
     let ops = Ops::start(COMPONENT, &config.common.ops).await?;
     let metrics = metrics::FetchMetrics::register(&ops.registry).context("registering metrics")?;
     let nats_ready = ops.readiness.flag("nats");
-    let client = match config
-        .common
-        .nats
-        .connect("tardis-fetcher", Some(nats_ready), &shutdown)
-        .await
-    {
-        Ok(c) => c,
-        Err(NatsError::Cancelled) => {
-            ops.stop().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e).context("connecting to NATS"),
+    let Some(client) = tardis_common::app::connect_nats(
+        &config.common.nats,
+        "tardis-fetcher",
+        nats_ready,
+        &shutdown,
+    )
+    .await?
+    else {
+        ops.stop().await;
+        return Ok(ExitCode::SUCCESS);
     };
     let js = async_nats::jetstream::new(client.clone());
     let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());

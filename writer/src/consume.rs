@@ -16,7 +16,6 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use serde_json::value::RawValue;
 use tardis_common::messages::{
     self, DeadLetter, EnrichedChunk, FetchRun, SCHEMA_VERSION, SourceRecord, Stage,
 };
@@ -141,14 +140,7 @@ impl Loop {
         for msg in msgs {
             match self.decode(&msg) {
                 Ok(d) => good.push((msg, d)),
-                Err(reason) => {
-                    self.reject(
-                        &msg,
-                        None,
-                        &format!("the message could not be read: {reason}"),
-                    )
-                    .await
-                }
+                Err(reason) => self.reject(&msg, None, &reason).await,
             }
         }
         if good.is_empty() {
@@ -388,38 +380,14 @@ impl Loop {
                 })
                 .collect(),
             _ => {
-                let source = msg
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or("unknown")
-                    .to_string();
-                let text = String::from_utf8_lossy(&msg.payload)
-                    .chars()
-                    .take(65_536)
-                    .collect::<String>();
-                let payload = RawValue::from_string(serde_json::Value::String(text).to_string())
-                    .unwrap_or_else(|_| {
-                        RawValue::from_string("null".into()).expect("null is JSON")
-                    });
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                vec![DeadLetter {
-                    schema_version: SCHEMA_VERSION,
-                    source,
-                    stage: Stage::Write,
-                    chunk_id: format!("undecodable-{seq}"),
-                    run_id: String::new(),
-                    record: SourceRecord {
-                        id: format!("message-{seq}"),
-                        updated_at: None,
-                        payload,
-                    },
-                    reason: reason.to_string(),
-                    attempts: 1,
-                    last_error: Some(reason.to_string()),
-                    failed_at: Utc::now(),
-                }]
+                vec![DeadLetter::undecodable(
+                    Stage::Write,
+                    msg.subject.as_str(),
+                    &msg.payload,
+                    seq,
+                    reason,
+                )]
             }
         };
         for letter in &letters {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tardis_common::app::Ops;
-use tardis_common::nats::{ConsumerKind, ConsumerSpec, NatsError, StreamKind, Topology};
+use tardis_common::nats::{ConsumerKind, ConsumerSpec, StreamKind, Topology};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info};
@@ -102,18 +102,16 @@ async fn run_inner(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let nats_ready = ops.readiness.flag("nats");
     let pg_ready = ops.readiness.flag("postgres");
 
-    let client = match config
-        .common
-        .nats
-        .connect("tardis-writer", Some(nats_ready), &shutdown)
-        .await
-    {
-        Ok(c) => c,
-        Err(NatsError::Cancelled) => {
-            ops.stop().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e).context("connecting to NATS"),
+    let Some(client) = tardis_common::app::connect_nats(
+        &config.common.nats,
+        "tardis-writer",
+        nats_ready,
+        &shutdown,
+    )
+    .await?
+    else {
+        ops.stop().await;
+        return Ok(ExitCode::SUCCESS);
     };
     // The schema must be the one this build knows; wait for Postgres if it is not up yet.
     match connect_with_retry(&pool, &config, &shutdown).await {

@@ -17,13 +17,7 @@ pub struct WriterMetrics {
 
 impl WriterMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> prometheus::Result<C> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
+        use tardis_common::metrics::register as reg;
         Ok(Self {
             rows: reg(
                 registry,

@@ -132,7 +132,7 @@ pub async fn write_records(
         let enriched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.enriched_at).collect();
         let written = tx
             .query(
-                "INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
+                "WITH written AS (INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
                     source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at)
                  SELECT s, i, p::jsonb, e, m, pv, h, u, pt, ct, c, f, en, now()
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::text[],
@@ -146,12 +146,13 @@ pub async fn write_records(
                     fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now()
                  WHERE (coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.content_hash)
                      > (coalesce(r.source_updated_at, '-infinity'), r.content_hash)
-                 RETURNING source",
+                 RETURNING source)
+                 SELECT source, count(*) FROM written GROUP BY source",
                 &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched],
             )
             .await?;
         for row in written {
-            *changed.entry(row.get::<_, String>(0)).or_default() += 1;
+            *changed.entry(row.get::<_, String>(0)).or_default() += row.get::<_, i64>(1) as u64;
         }
     }
     for source in sources {
@@ -208,12 +209,18 @@ pub async fn write_dead_letters(
     let stages: Vec<String> = list.iter().map(|l| l.stage.as_str().to_string()).collect();
     let sources: Vec<String> = list.iter().map(|l| l.source.clone()).collect();
     let ids: Vec<String> = list.iter().map(|l| l.record.id.clone()).collect();
+    // A dead letter must always be storable, even when its record is why Postgres refused it:
+    // jsonb and text reject NUL, so it is stored as U+FFFD.
     let payloads: Vec<String> = list
         .iter()
-        .map(|l| l.record.payload.get().to_string())
+        .map(|l| l.record.payload.get().replace("\\u0000", "\\ufffd"))
         .collect();
-    let reasons: Vec<String> = list.iter().map(|l| l.reason.clone()).collect();
-    let errors: Vec<Option<String>> = list.iter().map(|l| l.last_error.clone()).collect();
+    let clean = |t: &str| t.replace('\0', "\u{fffd}");
+    let reasons: Vec<String> = list.iter().map(|l| clean(&l.reason)).collect();
+    let errors: Vec<Option<String>> = list
+        .iter()
+        .map(|l| l.last_error.as_deref().map(clean))
+        .collect();
     let attempts: Vec<i32> = list.iter().map(|l| l.attempts as i32).collect();
     let chunks: Vec<String> = list.iter().map(|l| l.chunk_id.clone()).collect();
     let runs: Vec<String> = list.iter().map(|l| l.run_id.clone()).collect();

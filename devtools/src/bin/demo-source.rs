@@ -66,17 +66,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await?;
     tracing::info!(addr = %a.listen, backlog = config.backlog, rate = config.rate, "demo-source listening");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        stop.cancel();
-    });
+    let shutdown = devtools::shutdown_on_signal()?;
     demo_source::serve(
         listener,
         Arc::new(Demo::new(config, chrono::Utc::now())),

@@ -552,3 +552,62 @@ async fn postgres_down_for_ten_seconds_mid_stream_loses_nothing() -> Result<()> 
     );
     stop(running).await
 }
+
+#[tokio::test]
+async fn a_message_postgres_always_rejects_is_dead_lettered_without_blocking_the_rest() -> Result<()>
+{
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let mut e = env(&t, &db.url);
+    e.insert("WRITER_MAX_DELIVER".into(), "2".into());
+    migrate(&e).await?;
+    Topology::new(t.names(), Default::default())
+        .provision(&t.jetstream(), &[StreamKind::DeadLetters], &[], false)
+        .await?;
+    publish(&t, &chunk("s", &[("1", "2026-11-01T10:00:00Z", "fine")])).await?;
+    // Valid JSON that Postgres's jsonb refuses: a NUL character.
+    publish(
+        &t,
+        &chunk("s", &[("2", "2026-11-01T10:00:01Z", "bad \u{0000} byte")]),
+    )
+    .await?;
+    publish(
+        &t,
+        &chunk("s", &[("3", "2026-11-01T10:00:02Z", "fine too")]),
+    )
+    .await?;
+    let running = start(&e)?;
+    wait_rows(&db, 2, Duration::from_secs(30)).await?;
+    // The writer dead-letters it on the DLQ stream, and persists its own dead letters too.
+    wait_for(
+        "the dead letter in Postgres",
+        Duration::from_secs(60),
+        || async {
+            Ok((count(
+                &db,
+                "SELECT count(*) FROM dead_letters WHERE stage = 'write' AND record_id = '2'",
+            )
+            .await?
+                == 1)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let reason: String = db
+        .connect()
+        .await?
+        .query_one("SELECT reason FROM dead_letters WHERE record_id = '2'", &[])
+        .await?
+        .get(0);
+    assert!(reason.contains("Postgres rejected it 2 times"), "{reason}");
+    let ids: Vec<String> = db
+        .connect()
+        .await?
+        .query("SELECT record_id FROM records ORDER BY record_id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec!["1", "3"], "the bad message blocked nothing");
+    stop(running).await
+}
