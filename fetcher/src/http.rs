@@ -254,6 +254,23 @@ impl SourceClient {
         }
     }
 
+    /// A connection error or timeout: counted, and retried.
+    fn transport_failure(&self, name: String, shown: String, e: reqwest::Error) -> Attempt {
+        let class = if e.is_timeout() { "timeout" } else { "connect" };
+        self.metrics
+            .http_errors
+            .with_label_values(&[&name, class])
+            .inc();
+        Attempt::Retry {
+            error: FetchError::Transport {
+                source_name: name,
+                url: shown,
+                error: describe_reqwest(e),
+            },
+            retry_after: None,
+        }
+    }
+
     async fn attempt(&self, url: &Url) -> Attempt {
         let name = self.source.name.clone();
         let shown = self.redact(url);
@@ -265,21 +282,7 @@ impl SourceClient {
             .await
         {
             Ok(r) => r,
-            Err(e) => {
-                let class = if e.is_timeout() { "timeout" } else { "connect" };
-                self.metrics
-                    .http_errors
-                    .with_label_values(&[&name, class])
-                    .inc();
-                return Attempt::Retry {
-                    error: FetchError::Transport {
-                        source_name: name,
-                        url: shown,
-                        error: describe_reqwest(e),
-                    },
-                    retry_after: None,
-                };
-            }
+            Err(e) => return self.transport_failure(name, shown, e),
         };
         let status = response.status();
         if !status.is_success() {
@@ -350,21 +353,7 @@ impl SourceClient {
                     body.extend_from_slice(&bytes);
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    let class = if e.is_timeout() { "timeout" } else { "connect" };
-                    self.metrics
-                        .http_errors
-                        .with_label_values(&[&name, class])
-                        .inc();
-                    return Attempt::Retry {
-                        error: FetchError::Transport {
-                            source_name: name,
-                            url: shown,
-                            error: describe_reqwest(e),
-                        },
-                        retry_after: None,
-                    };
-                }
+                Err(e) => return self.transport_failure(name, shown, e),
             }
         }
         match serde_json::from_slice::<Value>(&body) {
