@@ -273,15 +273,12 @@ impl Pipeline {
         }
     }
 
-    async fn publish_letter(&self, letter: &DeadLetter) -> bool {
-        let Ok(bytes) = messages::encode(letter) else {
-            return false;
-        };
-        let subject = self.names.dlq_subject(Stage::Enrich, &letter.source);
+    /// Publishes and waits for JetStream's ack; false (logged) if it keeps failing.
+    async fn publish(&self, subject: &str, msg_id: &str, bytes: Vec<u8>, what: &str) -> bool {
         match publish_durably(
             &self.js,
-            &subject,
-            &letter.msg_id(),
+            subject,
+            msg_id,
             bytes.into(),
             PUBLISH_PATIENCE,
             &CancellationToken::new(),
@@ -290,10 +287,19 @@ impl Pipeline {
         {
             Ok(_) => true,
             Err(error) => {
-                warn!(%error, "publishing a dead letter failed");
+                warn!(%error, "publishing {what} failed");
                 false
             }
         }
+    }
+
+    async fn publish_letter(&self, letter: &DeadLetter) -> bool {
+        let Ok(bytes) = messages::encode(letter) else {
+            return false;
+        };
+        let subject = self.names.dlq_subject(Stage::Enrich, &letter.source);
+        self.publish(&subject, &letter.msg_id(), bytes, "a dead letter")
+            .await
     }
 
     /// Groups queued records into batches (count, token budget, linger) and runs them.
@@ -432,22 +438,8 @@ impl Pipeline {
             ok = match messages::encode(&out) {
                 Ok(bytes) => {
                     let subject = self.names.enriched_subject(&source);
-                    match publish_durably(
-                        &self.js,
-                        &subject,
-                        &out.msg_id(),
-                        bytes.into(),
-                        PUBLISH_PATIENCE,
-                        &CancellationToken::new(),
-                    )
-                    .await
-                    {
-                        Ok(_) => true,
-                        Err(error) => {
-                            warn!(%error, "publishing the enriched chunk failed");
-                            false
-                        }
-                    }
+                    self.publish(&subject, &out.msg_id(), bytes, "the enriched chunk")
+                        .await
                 }
                 Err(error) => {
                     warn!(%error, "encoding the enriched chunk failed");
