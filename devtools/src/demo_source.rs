@@ -13,8 +13,10 @@
 //!
 //! Faults (flags at start, or `PUT /admin/faults` with the same JSON at run time): every Nth
 //! request answered 429 with `Retry-After`, every Nth 500, every Nth a malformed body, and a
-//! latency on every response. `GET /admin/stats` counts requests and records served;
-//! `POST /admin/extend?n=N` makes N more records exist at once.
+//! latency on every response. `GET /admin/stats` counts requests and records served, and the
+//! highest id served per source (every record up to it has been served, since pages come in
+//! id order); `POST /admin/extend?n=N` makes N more records exist at once; `POST /admin/freeze`
+//! stops new records from appearing (what was served can then be compared with what arrived).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::MarketData, Kind::UserEvents];
+
+    /// The source name in the legacy ConfigMap.
+    pub fn source_name(self) -> &'static str {
+        match self {
+            Kind::MarketData => "market_data",
+            Kind::UserEvents => "user_events",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn from_path(path: &str) -> Option<Kind> {
         match path {
             "market/quotes" => Some(Kind::MarketData),
@@ -106,8 +122,11 @@ pub struct Demo {
     faults: RwLock<Faults>,
     epoch: DateTime<Utc>,
     started: DateTime<Utc>,
+    /// When new records stopped appearing (`frozen` at start, or `POST /admin/freeze`).
+    frozen_at: RwLock<Option<DateTime<Utc>>>,
     requests: AtomicU64,
     served: AtomicU64,
+    highest_served: [AtomicU64; 2],
     extra: AtomicU64,
 }
 
@@ -116,12 +135,14 @@ impl Demo {
         let span =
             chrono::Duration::milliseconds((config.backlog as f64 / config.rate * 1000.0) as i64);
         Self {
+            frozen_at: RwLock::new(config.frozen.then_some(now)),
             faults: RwLock::new(config.faults.clone()),
             config,
             epoch: now - span,
             started: now,
             requests: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            highest_served: [AtomicU64::new(0), AtomicU64::new(0)],
             extra: AtomicU64::new(0),
         }
     }
@@ -138,15 +159,27 @@ impl Demo {
 
     /// How many records exist at `now`.
     pub fn available(&self, now: DateTime<Utc>) -> u64 {
-        let at = if self.config.frozen {
-            self.started
-        } else {
-            now.max(self.started)
-        };
+        let at = self.frozen_at().unwrap_or(now).max(self.started);
         let elapsed_ms = (at - self.epoch).num_milliseconds() as f64;
         let groups = (elapsed_ms / self.step_ms()).floor() as u64;
         (groups * self.config.tie_group).max(self.config.backlog)
             + self.extra.load(Ordering::SeqCst)
+    }
+
+    fn frozen_at(&self) -> Option<DateTime<Utc>> {
+        self.frozen_at.read().map(|f| *f).unwrap_or(None)
+    }
+
+    /// Stops new records from appearing from `now` on (`extend` still adds records).
+    pub fn freeze(&self, now: DateTime<Utc>) {
+        if let Ok(mut f) = self.frozen_at.write() {
+            f.get_or_insert(now);
+        }
+    }
+
+    /// The highest record id of `kind` served so far (0: none).
+    pub fn highest_served(&self, kind: Kind) -> u64 {
+        self.highest_served[kind.index()].load(Ordering::SeqCst)
     }
 
     /// Makes `n` more records exist now (tests and demos of incremental runs).
@@ -336,6 +369,9 @@ async fn page(
         (start..=end).map(|id| demo.record(kind, id)).collect()
     };
     demo.served.fetch_add(data.len() as u64, Ordering::Relaxed);
+    if !data.is_empty() {
+        demo.highest_served[kind.index()].fetch_max(end, Ordering::SeqCst);
+    }
     Json(json!({
         "data": data,
         "pagination": {"page": page, "limit": limit, "total": total, "total_pages": total.div_ceil(limit)},
@@ -349,8 +385,17 @@ async fn stats(State(demo): State<Arc<Demo>>) -> Json<Value> {
         "requests": demo.requests.load(Ordering::SeqCst),
         "records_served": demo.served.load(Ordering::Relaxed),
         "available": demo.available(now),
+        "frozen": demo.frozen_at().is_some(),
+        "sources": Kind::ALL.iter().map(|&k| {
+            (k.source_name().to_string(), json!({"highest_id_served": demo.highest_served(k)}))
+        }).collect::<serde_json::Map<_, _>>(),
         "faults": demo.faults(),
     }))
+}
+
+async fn freeze(State(demo): State<Arc<Demo>>) -> StatusCode {
+    demo.freeze(Utc::now());
+    StatusCode::NO_CONTENT
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,6 +420,7 @@ pub fn router(demo: Arc<Demo>) -> Router {
         .route("/admin/stats", get(stats))
         .route("/admin/faults", put(set_faults))
         .route("/admin/extend", axum::routing::post(extend))
+        .route("/admin/freeze", axum::routing::post(freeze))
         .route("/health", get(|| async { "ok\n" }))
         .with_state(demo)
 }
@@ -471,5 +517,31 @@ mod tests {
         assert_eq!(d.record(Kind::MarketData, 3), d.record(Kind::MarketData, 3));
         assert_ne!(d.record(Kind::MarketData, 3), d.record(Kind::UserEvents, 3));
         assert_eq!(d.record(Kind::UserEvents, 4)["id"], 4);
+    }
+
+    #[test]
+    fn freezing_stops_growth_but_not_extend() {
+        let start = Utc::now();
+        let d = Demo::new(
+            DemoConfig {
+                backlog: 10,
+                rate: 10.0,
+                tie_group: 1,
+                ..DemoConfig::default()
+            },
+            start,
+        );
+        let later = start + chrono::Duration::seconds(2);
+        assert_eq!(d.available(later), 30, "10 records/s for 2 s on top of 10");
+        d.freeze(later);
+        assert_eq!(d.available(later + chrono::Duration::seconds(60)), 30);
+        d.freeze(later + chrono::Duration::seconds(60));
+        assert_eq!(
+            d.available(later + chrono::Duration::seconds(60)),
+            30,
+            "a second freeze keeps the first instant"
+        );
+        d.extend(5);
+        assert_eq!(d.available(later + chrono::Duration::seconds(90)), 35);
     }
 }

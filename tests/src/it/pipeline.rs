@@ -131,6 +131,12 @@ async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
             .await?
             .get(0);
         assert_eq!(cp["id"], "5000", "{source} checkpoint");
+        assert_eq!(
+            demo.demo.highest_served(kind),
+            5000,
+            "{source}: demo-source reports what it served"
+        );
+        assert_eq!(kind.source_name(), source);
         let at = chrono::DateTime::parse_from_rfc3339(cp["updated_at"].as_str().unwrap())?.to_utc();
         let expected =
             chrono::DateTime::parse_from_rfc3339(last["updated_at"].as_str().unwrap())?.to_utc();
