@@ -11,7 +11,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0 CARGO_NET_RETRY=5
 # The binaries the images ship, built in one cargo invocation so features unify once.
-ENV PACKAGES="-p fetcher -p enricher -p writer -p devtools"
+ENV PACKAGES="-p tardis-common -p fetcher -p enricher -p writer -p devtools"
 
 # Dependency layer: the manifests with stub sources. It is rebuilt only when a manifest or
 # Cargo.lock changes, so a source edit recompiles the workspace crates alone.
@@ -45,10 +45,11 @@ RUN set -eu; \
     find common fetcher enricher writer devtools -name '*.rs' -exec touch {} +; \
     cargo build --release --locked $PACKAGES --bins; \
     mkdir -p /out; \
-    for b in fetcher enricher writer demo-source mock-llm; do cp "target/release/$b" /out/; done
+    for b in fetcher enricher writer demo-source mock-llm tardis-probe; do cp "target/release/$b" /out/; done
 
 # Runtime: distroless (glibc, libgcc, CA bundle, tzdata), no shell, uid 65532. Every image
 # runs with a read-only root filesystem: nothing is written outside stdout and the network.
+# HEALTHCHECK runs tardis-probe (no shell, no curl here): a GET of /ready on OPS_ADDR's port.
 FROM ${RUNTIME} AS runtime
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -59,6 +60,8 @@ LABEL org.opencontainers.image.source="https://github.com/tardis-collection/tard
       org.opencontainers.image.revision="${REVISION}"
 USER 65532:65532
 ENV RUST_LOG=info
+COPY --from=build /out/tardis-probe /usr/local/bin/tardis-probe
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["/usr/local/bin/tardis-probe"]
 
 FROM runtime AS fetcher
 LABEL org.opencontainers.image.title="tardis-fetcher" \
@@ -88,6 +91,7 @@ LABEL org.opencontainers.image.title="tardis-demo-source" \
       org.opencontainers.image.description="Tardis demo source: the legacy source API with generated records (development only)"
 COPY --from=build /out/demo-source /usr/local/bin/demo-source
 EXPOSE 8081
+HEALTHCHECK --interval=5s --timeout=5s --retries=3 CMD ["/usr/local/bin/tardis-probe", "http://127.0.0.1:8081/health"]
 ENTRYPOINT ["/usr/local/bin/demo-source"]
 
 FROM runtime AS mock-llm
@@ -95,4 +99,5 @@ LABEL org.opencontainers.image.title="tardis-mock-llm" \
       org.opencontainers.image.description="Tardis mock LLM: an OpenAI-compatible chat-completions server (development only)"
 COPY --from=build /out/mock-llm /usr/local/bin/mock-llm
 EXPOSE 8082
+HEALTHCHECK --interval=5s --timeout=5s --retries=3 CMD ["/usr/local/bin/tardis-probe", "http://127.0.0.1:8082/health"]
 ENTRYPOINT ["/usr/local/bin/mock-llm"]

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nats;
 pub mod ops;
 pub mod postgres;
+pub mod probe;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,6 +14,18 @@ use tokio_util::sync::CancellationToken;
 use super::support::{LEGACY_SECRETS, legacy_env};
 use crate::harness::{Captured, TestDb, TestNats, bins, free_port, http_get, wait_for};
 
+/// Runs `tardis-probe` with `OPS_ADDR=ops_addr`: its exit code and what it printed.
+fn probe(ops_addr: &str) -> Result<(i32, String)> {
+    let out = Command::new(bins::bin("tardis-probe")?)
+        .env_clear()
+        .env("OPS_ADDR", ops_addr)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// The environment each binary needs besides NATS: the legacy ConfigMap and Secret, pointed
 /// at the test's Postgres.
 async fn worker_env(t: &TestNats) -> Result<BTreeMap<String, String>> {
@@ -31,6 +43,7 @@ async fn worker_env(t: &TestNats) -> Result<BTreeMap<String, String>> {
 struct Running {
     child: Captured,
     ops: String,
+    ops_addr: String,
 }
 
 impl Running {
@@ -39,15 +52,22 @@ impl Running {
         // The fetcher's default command is one pass (`run`); `daemon` stays up.
         let args: &[&str] = if name == "fetcher" { &["daemon"] } else { &[] };
         let mut cmd = Command::new(bins::bin(name)?);
+        let ops_addr = format!("127.0.0.1:{port}");
         cmd.args(args)
             .env_clear()
             .envs(env)
-            .env("OPS_ADDR", format!("127.0.0.1:{port}"));
+            .env("OPS_ADDR", &ops_addr);
         let child = Captured::spawn(cmd).with_context(|| format!("starting {name}"))?;
         Ok(Self {
             child,
-            ops: format!("http://127.0.0.1:{port}"),
+            ops: format!("http://{ops_addr}"),
+            ops_addr,
         })
+    }
+
+    /// The image HEALTHCHECK: `tardis-probe` with the worker's `OPS_ADDR`, as in the container.
+    fn probe(&self) -> Result<(i32, String)> {
+        probe(&self.ops_addr)
     }
 
     async fn get(&self, path: &str) -> Result<(u16, String)> {
@@ -91,6 +111,11 @@ async fn check_binary(name: &str, env: BTreeMap<String, String>) -> Result<()> {
         },
     )
     .await?;
+    assert_eq!(
+        running.probe()?,
+        (0, String::new()),
+        "{name}: probe when ready"
+    );
     let (status, metrics) = running.get("/metrics").await?;
     assert_eq!(status, 200);
     assert!(
@@ -104,10 +129,17 @@ async fn check_binary(name: &str, env: BTreeMap<String, String>) -> Result<()> {
         "{name} /metrics:\n{metrics}"
     );
 
+    let ops_addr = running.ops_addr.clone();
     let (code, printed) = running.terminate(Duration::from_secs(5)).await?;
     assert_eq!(
         code, 0,
         "{name} exit code after SIGTERM; output:\n{printed}"
+    );
+    let (code, said) = probe(&ops_addr)?;
+    assert_eq!(code, 1, "{name}: probe once stopped");
+    assert!(
+        said.contains("connecting to"),
+        "{name}: probe said {said:?}"
     );
     assert!(
         printed.contains("\"message\":\"stopped\""),
@@ -203,6 +235,12 @@ async fn writer_is_not_ready_without_postgres() -> Result<()> {
     )
     .await?;
     assert_eq!(body, "not ready: postgres\n");
+    let (code, said) = running.probe()?;
+    assert_eq!(code, 1, "probe while not ready");
+    assert!(
+        said.ends_with("/ready answered 503\n"),
+        "probe said {said:?}"
+    );
     let (code, _) = running.terminate(Duration::from_secs(5)).await?;
     assert_eq!(code, 0);
     Ok(())
