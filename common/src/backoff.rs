@@ -12,14 +12,17 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
-/// Never wait longer than this for a `Retry-After`, whatever the server says.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The default of `RETRY_MAX_WAIT`: never wait longer than this for a server-given hint
+/// (`Retry-After`, `x-ratelimit-reset-*`), whatever the server says.
+pub const DEFAULT_RETRY_MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// An exponential backoff policy with full jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub base: Duration,
     pub cap: Duration,
+    /// The longest server-given wait honoured (`RETRY_MAX_WAIT`).
+    pub max_wait: Duration,
 }
 
 impl Backoff {
@@ -27,7 +30,13 @@ impl Backoff {
         Self {
             base,
             cap: cap.max(base),
+            max_wait: DEFAULT_RETRY_MAX_WAIT,
         }
+    }
+
+    /// The same policy honouring server-given waits up to `max_wait` only.
+    pub fn with_max_wait(self, max_wait: Duration) -> Self {
+        Self { max_wait, ..self }
     }
 
     /// The upper bound of the wait before retry number `attempt` (0-based): `min(cap, base·2^attempt)`.
@@ -50,14 +59,24 @@ impl Backoff {
     }
 
     /// The wait before retry `attempt`, at least `retry_after` when the server gave one
-    /// (bounded by [`MAX_RETRY_AFTER`]).
+    /// (bounded by `max_wait`).
     pub fn delay_honouring(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let jittered = self.delay(attempt);
         match retry_after {
-            Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+            Some(ra) => jittered.max(ra.min(self.max_wait)),
             None => jittered,
         }
     }
+}
+
+/// `secs` seconds as a wait: `None` for NaN or a negative number, saturating at
+/// [`Duration::MAX`] for a number too large to be a `Duration` (`1e300`), so a server's hint
+/// can never panic the process; callers cap it with [`Backoff::max_wait`].
+pub fn seconds_hint(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP date
@@ -68,7 +87,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds_hint(secs);
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -110,7 +129,43 @@ mod tests {
             assert!(d >= Duration::from_secs(2), "{d:?}");
         }
         let capped = b.delay_honouring(0, Some(Duration::from_secs(86_400)));
-        assert_eq!(capped, MAX_RETRY_AFTER);
+        assert_eq!(capped, DEFAULT_RETRY_MAX_WAIT);
+        let b = b.with_max_wait(Duration::from_secs(7));
+        assert_eq!(
+            b.delay_honouring(0, Some(Duration::MAX)),
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn absurd_retry_after_values_never_panic() {
+        let now = SystemTime::UNIX_EPOCH;
+        let b = Backoff::new(Duration::from_millis(10), Duration::from_millis(20))
+            .with_max_wait(Duration::from_secs(300));
+        for value in [
+            "1e300",
+            "1.8e19",
+            "99999999999999999999999",
+            "inf",
+            "Infinity",
+            "NaN",
+            "-0.5",
+            "1e-300",
+            "",
+            "\u{0}",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            let hint = parse_retry_after(value, now);
+            let wait = b.delay_honouring(0, hint);
+            assert!(wait <= Duration::from_secs(300), "{value:?}: {wait:?}");
+        }
+        assert_eq!(parse_retry_after("1e300", now), Some(Duration::MAX));
+        assert_eq!(parse_retry_after("NaN", now), None);
+        assert_eq!(parse_retry_after("-0.5", now), None);
+        assert_eq!(
+            parse_retry_after("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub enum Cursor {
     Position {
         updated_at: DateTime<Utc>,
         id: String,
+        /// `updated_at` exactly as the source wrote it (`"2026-11-30T10:00:39.000Z"`, `1764496839`),
+        /// sent back as `since` unchanged: a source comparing strings would otherwise skip
+        /// records (`"…39Z" > "…39.500Z"`). Absent in cursors written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
     },
     /// An opaque continuation token from the API.
     Token { token: String },
@@ -331,6 +336,9 @@ pub enum RunOutcome {
     Skipped,
     /// Stopped by shutdown; what was published stays published and the cursor says so.
     Interrupted,
+    /// Stopped before the last page (`max_pages`); what was read is published, the rest is
+    /// not. The report says whether the next run continues from here or starts over.
+    Incomplete,
 }
 
 impl RunOutcome {
@@ -340,6 +348,7 @@ impl RunOutcome {
             RunOutcome::Failed => "failed",
             RunOutcome::Skipped => "skipped",
             RunOutcome::Interrupted => "interrupted",
+            RunOutcome::Incomplete => "incomplete",
         }
     }
 }
@@ -360,6 +369,16 @@ pub struct FetchRun {
     /// What went wrong, with secrets redacted.
     pub error: Option<String>,
     pub cursor_after: Option<Cursor>,
+    /// What the run noticed without failing (disorder, a full page with no next page).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// Records that came after a record with a later `(updated_at, id)` in the same run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub out_of_order: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Envelope for FetchRun {
@@ -404,6 +423,7 @@ mod tests {
             cursor_after: Some(Cursor::Position {
                 updated_at: ts("2026-11-01T10:00:00Z"),
                 id: "2".into(),
+                since: None,
             }),
             fetched_at: ts("2026-11-01T10:05:00Z"),
         }
@@ -473,6 +493,8 @@ mod tests {
             outcome: RunOutcome::Failed,
             error: Some("HTTP 401 from https://api.example.com/v2/events".into()),
             cursor_after: None,
+            warnings: vec![],
+            out_of_order: 0,
         };
         round_trip(&run);
     }

@@ -393,9 +393,14 @@ impl Names {
         self.name(kind.base_name())
     }
 
-    /// The key-value bucket holding per-source fetch cursors and run leases.
+    /// The key-value bucket holding per-source fetch cursors.
     pub fn fetch_state_bucket(&self) -> String {
         self.name("TARDIS_FETCH_STATE")
+    }
+
+    /// The key-value bucket holding the fetchers' run leases (entries expire on the server).
+    pub fn fetch_lease_bucket(&self) -> String {
+        self.name("TARDIS_FETCH_LEASES")
     }
 }
 

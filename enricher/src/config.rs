@@ -52,6 +52,8 @@ pub struct LlmSettings {
     pub max_attempts: u32,
     /// `LLM_RETRY_DELAY`: backoff base for 429/5xx/timeouts, default 1 s (capped at 60 s).
     pub retry_delay: Duration,
+    /// `RETRY_MAX_WAIT`: the longest `Retry-After` / `x-ratelimit-reset-*` honoured, default 5 min.
+    pub retry_max_wait: Duration,
 }
 
 /// How records are enriched and delivered.
@@ -142,6 +144,10 @@ impl LlmSettings {
             price_output: float(r, "LLM_PRICE_OUTPUT_PER_MTOK", 0.42, 0.0, 1e6),
             max_attempts: r.positive_u32("LLM_MAX_ATTEMPTS", 3),
             retry_delay: r.duration("LLM_RETRY_DELAY", Duration::from_secs(1)),
+            retry_max_wait: r.duration(
+                "RETRY_MAX_WAIT",
+                tardis_common::backoff::DEFAULT_RETRY_MAX_WAIT,
+            ),
         }
     }
 }

@@ -207,7 +207,8 @@ impl BatchProcessor {
         let backoff = Backoff::new(
             self.settings.retry_delay,
             std::time::Duration::from_secs(60),
-        );
+        )
+        .with_max_wait(self.settings.retry_max_wait);
         let model = self.settings.model.as_str();
         let mut attempt = 0u32;
         loop {

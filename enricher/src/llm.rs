@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde_json::Value;
 use tardis_common::Secret;
-use tardis_common::backoff::parse_retry_after;
+use tardis_common::backoff::{parse_retry_after, seconds_hint};
 use tokio::sync::Semaphore;
 use url::Url;
 
@@ -263,7 +263,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 pub fn parse_reset(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds_hint(secs);
     }
     let mut total = 0.0;
     let mut number = String::new();
@@ -290,7 +290,7 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
     if !number.is_empty() {
         return None;
     }
-    Some(Duration::from_secs_f64(total))
+    seconds_hint(total)
 }
 
 #[cfg(test)]
@@ -308,6 +308,17 @@ mod tests {
         );
         assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_reset("soon"), None);
+        assert_eq!(
+            parse_reset("1e300"),
+            Some(Duration::MAX),
+            "saturates, never panics"
+        );
+        assert_eq!(
+            parse_reset(&format!("{}h", "9".repeat(400))),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse_reset("1e300h"), None, "not a reset duration");
+        assert_eq!(parse_reset("NaN"), None);
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! One run of one source: lease, cursor, pages, chunks, publishes, report.
 //!
 //! The delivery contract: a chunk is published with a content-derived `Nats-Msg-Id` and the
-//! fetch cursor is saved only after JetStream acknowledged it. A crash between the two makes
-//! the next run publish the same chunk again, which JetStream drops as a duplicate; a crash
-//! before the publish loses nothing because the cursor had not moved. Memory holds one page.
+//! fetch cursor is saved only after JetStream acknowledged it, by compare-and-set on the
+//! revision this run last wrote (the run fenced the cursor when it took the lease, so a
+//! fetcher that lost its lease can never move it). A crash between the publish and the save
+//! makes the next run publish the same chunk again, which JetStream drops as a duplicate; a
+//! crash before the publish loses nothing because the cursor had not moved. How far the
+//! cursor may move is [`crate::advance`]'s decision: with each chunk for a sorted source, only
+//! after the last page for an unsorted one. Memory holds one page.
+//!
+//! A run never reports `succeeded` unless it read every page: reaching `max_pages` is
+//! `incomplete`; a page, `Link` header or pagination value it cannot read fails the source.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,20 +21,23 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use tardis_common::config::{Pagination, SourceConfig};
 use tardis_common::messages::{
-    self, Cursor, DeadLetter, FetchRun, RecordChunk, RunOutcome, SCHEMA_VERSION, SourceRecord,
-    Stage,
+    self, Cursor, DeadLetter, RecordChunk, RunOutcome, SCHEMA_VERSION, SourceRecord, Stage,
 };
 use tardis_common::nats::{Names, publish_durably};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
+use crate::advance::{Advance, Observed};
 use crate::chunker;
 use crate::cursor;
 use crate::extract;
 use crate::http::{FetchError, Sleeper, SourceClient};
 use crate::metrics::FetchMetrics;
-use crate::pagination::{PageInfo, Pager};
-use crate::state::{Acquired, CursorState, FetchState, lease_key};
+use crate::pagination::{End, PageInfo, Pager, Step};
+pub use crate::report::RunReport;
+use crate::state::{
+    Acquired, CursorState, FetchState, HeldCursor, HeldLease, lease_key, retry_renewal,
+};
 
 /// How long a publish may keep failing (NATS restarting, stream full) before the run fails.
 pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(120);
@@ -41,42 +52,6 @@ pub enum Mode {
         since: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
     },
-}
-
-/// How a run went.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    pub source: String,
-    pub run_id: String,
-    pub outcome: RunOutcome,
-    pub records: u64,
-    pub pages: u64,
-    pub chunks: u64,
-    pub bytes: u64,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-    pub error: Option<String>,
-    pub cursor_after: Option<Cursor>,
-}
-
-impl RunReport {
-    /// One line for humans: `market_data: succeeded, 1200 records in 3 pages (2.1 s)`.
-    pub fn summary(&self) -> String {
-        let secs = (self.finished_at - self.started_at).num_milliseconds() as f64 / 1000.0;
-        let mut line = format!(
-            "{}: {}, {} records in {} pages, {} chunks ({secs:.1} s)",
-            self.source,
-            self.outcome.as_str(),
-            self.records,
-            self.pages,
-            self.chunks
-        );
-        if let Some(e) = &self.error {
-            line.push_str(": ");
-            line.push_str(e);
-        }
-        line
-    }
 }
 
 /// Everything a run needs besides its source.
@@ -95,6 +70,17 @@ pub struct Collector {
     pub checkpoints: Option<crate::checkpoint::Checkpoints>,
 }
 
+/// How a run's page loop ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walked {
+    /// The source said there was nothing more.
+    AllPages,
+    /// Past the end of a backfill window.
+    WindowEnd,
+    /// `max_pages` pages read and the source has more.
+    MaxPages,
+}
+
 struct Progress {
     records: u64,
     pages: u64,
@@ -102,6 +88,9 @@ struct Progress {
     bytes: u64,
     cursor: Option<Cursor>,
     published_total: u64,
+    /// The cursor as this run holds it (incremental runs).
+    held: Option<HeldCursor>,
+    warnings: Vec<String>,
 }
 
 fn new_run_id(now: DateTime<Utc>) -> String {
@@ -110,6 +99,51 @@ fn new_run_id(now: DateTime<Utc>) -> String {
         now.format("%Y%m%dT%H%M%SZ"),
         rand::random::<u32>()
     )
+}
+
+/// Keeps the lease alive until `run_token` fires; on loss, sets `lost` and cancels the run.
+/// A renewal that fails for a reason other than loss (a NATS blip) is retried until the TTL
+/// since the last good renewal has nearly passed.
+async fn keep_lease(
+    state: FetchState,
+    mut held: HeldLease,
+    run_token: CancellationToken,
+    lost: Arc<AtomicBool>,
+) -> HeldLease {
+    let ttl = state.lease_ttl();
+    let every = ttl / 3;
+    let mut last_ok = tokio::time::Instant::now();
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = run_token.cancelled() => return held,
+        }
+        match state.renew(&mut held).await {
+            Ok(()) => {
+                last_ok = tokio::time::Instant::now();
+                wait = every;
+            }
+            Err(error) if error.is_lost() => {
+                warn!(%error, "lease lost, stopping the run");
+                lost.store(true, Ordering::SeqCst);
+                run_token.cancel();
+                return held;
+            }
+            Err(error) => match retry_renewal(ttl, last_ok.elapsed()) {
+                Some(retry) => {
+                    warn!(%error, retry_in_ms = retry.as_millis() as u64, "renewing the lease failed; retrying");
+                    wait = retry;
+                }
+                None => {
+                    warn!(%error, "the lease could not be renewed within its lifetime, stopping the run");
+                    lost.store(true, Ordering::SeqCst);
+                    run_token.cancel();
+                    return held;
+                }
+            },
+        }
+    }
 }
 
 impl Collector {
@@ -139,19 +173,7 @@ impl Collector {
         shutdown: &CancellationToken,
     ) -> RunReport {
         let name = source.name.clone();
-        let mut report = RunReport {
-            source: name.clone(),
-            run_id: run_id.clone(),
-            outcome: RunOutcome::Succeeded,
-            records: 0,
-            pages: 0,
-            chunks: 0,
-            bytes: 0,
-            started_at,
-            finished_at: started_at,
-            error: None,
-            cursor_after: None,
-        };
+        let mut report = RunReport::new(name.clone(), run_id.clone(), started_at);
         let backfill = matches!(mode, Mode::Backfill { .. });
         let key = lease_key(&name, backfill);
         let held = match self.state.acquire(&key, &self.holder, &run_id).await {
@@ -159,9 +181,8 @@ impl Collector {
             Ok(Acquired::No(lease)) => {
                 report.outcome = RunOutcome::Skipped;
                 report.error = Some(format!(
-                    "another fetcher ({}) holds the lease until {}",
-                    lease.holder,
-                    lease.expires_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+                    "another fetcher ({}, run {}) holds the lease",
+                    lease.holder, lease.run_id
                 ));
                 return self.finish(report, shutdown).await;
             }
@@ -173,29 +194,13 @@ impl Collector {
         };
         // The run stops if the lease is lost (another fetcher took it after we stalled).
         let run_token = shutdown.child_token();
-        let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let renewer = tokio::spawn({
-            let state = self.state.clone();
-            let run_token = run_token.clone();
-            let lease_lost = lease_lost.clone();
-            let mut held = held.clone();
-            async move {
-                let every = state.lease_ttl() / 3;
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        () = run_token.cancelled() => return held,
-                    }
-                    if let Err(error) = state.renew(&mut held).await {
-                        warn!(%error, "lease lost, stopping the run");
-                        lease_lost.store(true, std::sync::atomic::Ordering::SeqCst);
-                        run_token.cancel();
-                        return held;
-                    }
-                }
-            }
-        });
-
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let renewer = tokio::spawn(keep_lease(
+            self.state.clone(),
+            held,
+            run_token.clone(),
+            lease_lost.clone(),
+        ));
         let result = self
             .collect(&source, chunk_size, &mode, &run_id, &mut report, &run_token)
             .await;
@@ -207,13 +212,16 @@ impl Collector {
                 None
             }
         };
+        let lost = lease_lost.load(Ordering::SeqCst);
         match result {
-            Ok(()) => {}
-            Err(FetchError::Cancelled { .. })
-                if lease_lost.load(std::sync::atomic::Ordering::SeqCst) =>
-            {
+            Ok(Walked::AllPages | Walked::WindowEnd) => {}
+            Ok(Walked::MaxPages) => {
+                report.outcome = RunOutcome::Incomplete;
+                report.error = Some(max_pages_note(&source, &mode, report.out_of_order > 0));
+            }
+            Err(FetchError::Cancelled { .. }) if lost => {
                 report.outcome = RunOutcome::Failed;
-                report.error = Some("the run lease was lost to another fetcher".into());
+                report.error = Some("the run lease was lost (not renewed within FETCH_LEASE_TTL, or taken by another fetcher); the cursor did not move past what was published".into());
             }
             Err(FetchError::Cancelled { .. }) => {
                 report.outcome = RunOutcome::Interrupted;
@@ -225,12 +233,35 @@ impl Collector {
             }
         }
         if let Some(held) = held
-            && !lease_lost.load(std::sync::atomic::Ordering::SeqCst)
+            && !lost
             && let Err(error) = self.state.release(&held).await
         {
             warn!(%error, "releasing the lease failed; it expires by itself");
         }
         self.finish(report, shutdown).await
+    }
+
+    fn state_error(source: &SourceConfig, error: crate::state::StateError) -> FetchError {
+        FetchError::State {
+            source_name: source.name.clone(),
+            error,
+        }
+    }
+
+    /// Saves the cursor (incremental runs), if this run still holds it.
+    async fn save(&self, source: &SourceConfig, progress: &mut Progress) -> Result<(), FetchError> {
+        let Some(held) = progress.held.as_mut() else {
+            return Ok(());
+        };
+        let state = CursorState {
+            cursor: progress.cursor.clone(),
+            published_total: progress.published_total,
+            updated_at: Utc::now(),
+        };
+        self.state
+            .save_cursor(held, &state)
+            .await
+            .map_err(|e| Self::state_error(source, e))
     }
 
     /// Reads pages and publishes chunks until the source has nothing more.
@@ -242,7 +273,7 @@ impl Collector {
         run_id: &str,
         report: &mut RunReport,
         token: &CancellationToken,
-    ) -> Result<(), FetchError> {
+    ) -> Result<Walked, FetchError> {
         let client = SourceClient::new(
             Arc::new(source.clone()),
             self.metrics.clone(),
@@ -253,11 +284,22 @@ impl Collector {
             url: source.url.to_string(),
             error: format!("cannot build the HTTP client: {e}"),
         })?;
-        let saved = match mode {
-            Mode::Incremental => self.starting_cursor(&source.name).await?,
-            Mode::Backfill { .. } => None,
+        let incremental = matches!(mode, Mode::Incremental);
+        let (saved, held) = if incremental {
+            let (saved, held) = self
+                .state
+                .fence_cursor(&source.name)
+                .await
+                .map_err(|e| Self::state_error(source, e))?;
+            (saved, Some(held))
+        } else {
+            (None, None)
         };
-        let start_cursor = saved.as_ref().and_then(|s| s.cursor.clone());
+        let start_cursor = match saved.as_ref().and_then(|s| s.cursor.clone()) {
+            Some(c) => Some(c),
+            None if incremental => self.checkpoint_cursor(&source.name).await,
+            None => None,
+        };
         let mut progress = Progress {
             records: 0,
             pages: 0,
@@ -265,9 +307,62 @@ impl Collector {
             bytes: 0,
             cursor: start_cursor.clone(),
             published_total: saved.as_ref().map_or(0, |s| s.published_total),
+            held,
+            warnings: Vec::new(),
         };
-        let (params, start_token) =
-            incremental_params(source, mode, start_cursor.as_ref(), Utc::now());
+        let mut advance = Advance::new(
+            source.order,
+            start_cursor.clone(),
+            source.updated_at_pointer.clone(),
+        );
+        let result = self
+            .walk(
+                &client,
+                source,
+                chunk_size,
+                mode,
+                run_id,
+                &mut advance,
+                &mut progress,
+                token,
+            )
+            .await;
+        let out_of_order = advance.out_of_order();
+        if out_of_order > 0 {
+            self.metrics
+                .out_of_order
+                .with_label_values(&[&source.name])
+                .inc_by(out_of_order);
+        }
+        report.records = progress.records;
+        report.pages = progress.pages;
+        report.chunks = progress.chunks;
+        report.bytes = progress.bytes;
+        report.cursor_after = progress.cursor.clone();
+        report.warnings = std::mem::take(&mut progress.warnings);
+        report.out_of_order = out_of_order;
+        if let Some(cp) = &self.checkpoints {
+            cp.update_in_flight(&source.name, progress.published_total, &self.metrics)
+                .await;
+        }
+        result
+    }
+
+    /// The page loop of [`Self::collect`].
+    #[allow(clippy::too_many_arguments)]
+    async fn walk(
+        &self,
+        client: &SourceClient,
+        source: &SourceConfig,
+        chunk_size: u32,
+        mode: &Mode,
+        run_id: &str,
+        advance: &mut Advance,
+        progress: &mut Progress,
+        token: &CancellationToken,
+    ) -> Result<Walked, FetchError> {
+        let incremental = matches!(mode, Mode::Incremental);
+        let (params, start_token) = incremental_params(source, mode, advance.start(), Utc::now());
         let mut pager = Pager::new(
             source.pagination.clone(),
             source.url.clone(),
@@ -276,18 +371,11 @@ impl Collector {
             start_token,
         );
         let mut url = pager.first();
-        let result = loop {
+        loop {
             if progress.pages >= u64::from(source.max_pages) {
-                warn!(
-                    max_pages = source.max_pages,
-                    "max_pages reached; the rest follows in the next run"
-                );
-                break Ok(());
+                return Ok(Walked::MaxPages);
             }
-            let page = match client.get(&url, token).await {
-                Ok(p) => p,
-                Err(e) => break Err(e),
-            };
+            let page = client.get(&url, token).await?;
             progress.pages += 1;
             progress.bytes += page.bytes as u64;
             self.metrics.pages.with_label_values(&[&source.name]).inc();
@@ -295,112 +383,139 @@ impl Collector {
                 .bytes
                 .with_label_values(&[&source.name])
                 .inc_by(page.bytes as u64);
-            let records = match extract::records(
+            let records = extract::records(
                 &page.body,
                 &source.records_pointer,
                 &source.id_pointer,
                 source.updated_at_pointer.as_deref(),
-            ) {
-                Ok(r) => r,
-                Err(e) => {
-                    break Err(FetchError::BadPage {
-                        source_name: source.name.clone(),
-                        url: client.redact(&url),
-                        problem: e.to_string(),
-                    });
-                }
-            };
+            )
+            .map_err(|e| FetchError::BadPage {
+                source_name: source.name.clone(),
+                url: client.redact(&url),
+                problem: e.to_string(),
+            })?;
             let on_page = records.len();
+            if incremental
+                && source.updated_at_pointer.is_some()
+                && advance.observe(&records) == Observed::FirstDisorder
+            {
+                self.on_first_disorder(source, advance, progress).await?;
+            }
             let token_for_page = pager.current_token().map(str::to_string);
+            let beyond_window = match mode {
+                Mode::Backfill { until: Some(u), .. } => {
+                    source.updated_at_pointer.is_some()
+                        && on_page > 0
+                        && records
+                            .iter()
+                            .all(|r| r.updated_at.is_some_and(|t| t >= *u))
+                }
+                _ => false,
+            };
             let wanted: Vec<SourceRecord> = records
                 .into_iter()
                 .filter(|r| match mode {
-                    Mode::Incremental => cursor::is_after(r, start_cursor.as_ref()),
+                    Mode::Incremental => cursor::is_after(r, advance.start()),
                     Mode::Backfill { since, until } => r
                         .updated_at
                         .is_none_or(|t| t >= *since && until.is_none_or(|u| t < u)),
                 })
                 .collect();
-            let beyond_window = match mode {
-                Mode::Backfill { until: Some(u), .. } => {
-                    on_page > 0
-                        && wanted.is_empty()
-                        && source.updated_at_pointer.is_some()
-                        && page_all_after(&page.body, source, u)
-                }
-                _ => false,
-            };
-            if let Err(e) = self
-                .publish_page(
-                    source,
-                    chunk_size,
-                    mode,
-                    run_id,
-                    wanted,
-                    token_for_page,
-                    &mut progress,
-                    token,
-                )
-                .await
-            {
-                break Err(e);
-            }
-            if beyond_window {
-                break Ok(());
-            }
-            let info = PageInfo {
+            let step = pager.next(&PageInfo {
                 url: &url,
                 body: &page.body,
                 link: page.link.as_deref(),
                 records: on_page,
-            };
-            match pager.next(&info) {
-                Some(next) => url = next,
-                None => break Ok(()),
+            });
+            drop(page);
+            // The run's last page carries an unsorted source's cursor for the whole run.
+            let final_cursor =
+                (incremental && advance.unsorted() && matches!(step, Ok(Step::End(_))))
+                    .then(|| advance.at_end(progress.cursor.clone()));
+            self.publish_page(
+                source,
+                chunk_size,
+                mode,
+                run_id,
+                wanted,
+                token_for_page,
+                advance,
+                final_cursor.clone(),
+                progress,
+                token,
+            )
+            .await?;
+            if let Some(end) = final_cursor
+                && progress.cursor != end
+            {
+                progress.cursor = end;
+                self.save(source, progress).await?;
             }
-        };
-        report.records = progress.records;
-        report.pages = progress.pages;
-        report.chunks = progress.chunks;
-        report.bytes = progress.bytes;
-        report.cursor_after = progress.cursor.clone();
-        if let Some(cp) = &self.checkpoints {
-            cp.update_in_flight(&source.name, progress.published_total, &self.metrics)
-                .await;
+            if beyond_window {
+                return Ok(Walked::WindowEnd);
+            }
+            match step {
+                Ok(Step::Next(next)) => url = next,
+                Ok(Step::End(End::LastPage)) => return Ok(Walked::AllPages),
+                Ok(Step::End(End::FullPageWithoutNext)) => {
+                    let note = format!(
+                        "page full and no next page: is the pagination configured? ({} records with page_size {} and no way to a next page from {})",
+                        on_page,
+                        source.page_size,
+                        client.redact(&url)
+                    );
+                    warn!(source = %source.name, "{note}");
+                    progress.warnings.push(note);
+                    return Ok(Walked::AllPages);
+                }
+                Err(e) => {
+                    return Err(FetchError::BadPage {
+                        source_name: source.name.clone(),
+                        url: client.redact(e.url().unwrap_or(&url)),
+                        problem: e.to_string(),
+                    });
+                }
+            }
         }
-        result
     }
 
-    /// The cursor to start from: the fetch state, else the written checkpoint in Postgres.
-    async fn starting_cursor(&self, source: &str) -> Result<Option<CursorState>, FetchError> {
-        match self.state.load_cursor(source).await {
-            Ok(Some(s)) => return Ok(Some(s)),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(FetchError::Transport {
-                    source_name: source.into(),
-                    url: "fetch state".into(),
-                    error: e.to_string(),
-                });
+    /// The run's first out-of-order record: from now on the source is handled as unsorted,
+    /// and the cursor goes back to where the run started.
+    async fn on_first_disorder(
+        &self,
+        source: &SourceConfig,
+        advance: &Advance,
+        progress: &mut Progress,
+    ) -> Result<(), FetchError> {
+        let note = format!(
+            "records are not in (updated_at, id) order: the cursor moves only when a run reads every page (set \"order\": \"unsorted\" to say so from the first record{})",
+            if progress.cursor.as_ref() == advance.start() {
+                ""
+            } else {
+                "; it went back to where this run started"
             }
+        );
+        warn!(source = %source.name, "{note}");
+        progress.warnings.push(note);
+        if progress.cursor.as_ref() != advance.start() {
+            progress.cursor = advance.start().cloned();
+            self.save(source, progress).await?;
         }
-        if let Some(cp) = &self.checkpoints
-            && let Some(cursor) = cp.cursor(source).await
-        {
-            info!(
-                ?cursor,
-                "no fetch state; starting from the written checkpoint in Postgres"
-            );
-            return Ok(Some(CursorState {
-                cursor: Some(cursor),
-                published_total: 0,
-                updated_at: Utc::now(),
-            }));
-        }
-        Ok(None)
+        Ok(())
+    }
+
+    /// The written checkpoint in Postgres, when the fetch state has no cursor.
+    async fn checkpoint_cursor(&self, source: &str) -> Option<Cursor> {
+        let cursor = self.checkpoints.as_ref()?.cursor(source).await?;
+        info!(
+            ?cursor,
+            "no fetch state; starting from the written checkpoint in Postgres"
+        );
+        Some(cursor)
     }
 
     /// Cuts a page's records into chunks and publishes them, saving the cursor after each.
+    /// `final_cursor`, when given, is the cursor of the page's last chunk.
     #[allow(clippy::too_many_arguments)]
     async fn publish_page(
         &self,
@@ -410,6 +525,8 @@ impl Collector {
         run_id: &str,
         records: Vec<SourceRecord>,
         page_token: Option<String>,
+        advance: &Advance,
+        final_cursor: Option<Option<Cursor>>,
         progress: &mut Progress,
         token: &CancellationToken,
     ) -> Result<(), FetchError> {
@@ -421,12 +538,13 @@ impl Collector {
         }
         let mut queue: std::collections::VecDeque<Vec<SourceRecord>> = groups.into();
         while let Some(group) = queue.pop_front() {
-            let cursor_after = match mode {
-                Mode::Backfill { .. } => None,
-                Mode::Incremental if source.updated_at_pointer.is_some() => {
-                    cursor::later(progress.cursor.clone(), cursor::max_position(&group))
+            let cursor_after = match (mode, &final_cursor) {
+                (Mode::Backfill { .. }, _) => None,
+                (Mode::Incremental, Some(end)) if queue.is_empty() => end.clone(),
+                (Mode::Incremental, _) if source.updated_at_pointer.is_some() => {
+                    advance.after_chunk(progress.cursor.clone(), &group)
                 }
-                Mode::Incremental => page_token
+                (Mode::Incremental, _) => page_token
                     .clone()
                     .map(|token| Cursor::Token { token })
                     .or(progress.cursor.clone()),
@@ -475,20 +593,8 @@ impl Collector {
             }
             self.metrics.chunks.with_label_values(&[&source.name]).inc();
             if matches!(mode, Mode::Incremental) {
-                progress.cursor = cursor_after.clone();
-                let state = CursorState {
-                    cursor: cursor_after,
-                    published_total: progress.published_total,
-                    updated_at: Utc::now(),
-                };
-                self.state
-                    .save_cursor(&source.name, &state)
-                    .await
-                    .map_err(|e| FetchError::Transport {
-                        source_name: source.name.clone(),
-                        url: "fetch state".into(),
-                        error: e.to_string(),
-                    })?;
+                progress.cursor = cursor_after;
+                self.save(source, progress).await?;
             }
         }
         Ok(())
@@ -544,79 +650,6 @@ impl Collector {
             .inc();
         Ok(())
     }
-
-    /// Records the run in metrics and on the runs subject.
-    async fn finish(&self, mut report: RunReport, shutdown: &CancellationToken) -> RunReport {
-        report.finished_at = Utc::now();
-        let outcome = report.outcome.as_str();
-        let name = report.source.clone();
-        self.metrics.runs.with_label_values(&[&name, outcome]).inc();
-        let secs = (report.finished_at - report.started_at)
-            .num_milliseconds()
-            .max(0) as f64
-            / 1000.0;
-        self.metrics
-            .run_duration
-            .with_label_values(&[&name, outcome])
-            .observe(secs);
-        if report.outcome == RunOutcome::Succeeded {
-            self.metrics
-                .last_success
-                .with_label_values(&[&name])
-                .set(report.finished_at.timestamp());
-        }
-        let run = FetchRun {
-            schema_version: SCHEMA_VERSION,
-            run_id: report.run_id.clone(),
-            source: name.clone(),
-            started_at: report.started_at,
-            finished_at: report.finished_at,
-            records: report.records,
-            pages: report.pages,
-            chunks: report.chunks,
-            bytes: report.bytes,
-            outcome: report.outcome,
-            error: report.error.clone(),
-            cursor_after: report.cursor_after.clone(),
-        };
-        // The report goes out even when the run was interrupted, within a short grace.
-        let grace = CancellationToken::new();
-        let stop = {
-            let grace = grace.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                grace.cancel();
-            })
-        };
-        match messages::encode(&run) {
-            Ok(bytes) => {
-                let subject = self.names.runs_subject(&name);
-                if let Err(error) = publish_durably(
-                    &self.js,
-                    &subject,
-                    &run.msg_id(),
-                    bytes.into(),
-                    Duration::from_secs(30),
-                    &grace,
-                )
-                .await
-                {
-                    warn!(%error, "publishing the run report failed");
-                }
-            }
-            Err(error) => warn!(%error, "encoding the run report failed"),
-        }
-        stop.abort();
-        let level_error = report.outcome == RunOutcome::Failed;
-        if level_error {
-            tracing::error!(source = %name, outcome, records = report.records, pages = report.pages, error = report.error.as_deref().unwrap_or(""), "fetch run finished");
-        } else {
-            info!(source = %name, outcome, records = report.records, pages = report.pages, chunks = report.chunks, note = report.error.as_deref().unwrap_or(""), "fetch run finished");
-        }
-        report
-    }
 }
 
 /// The incremental query parameters and the starting token of a run.
@@ -629,12 +662,22 @@ pub fn incremental_params(
     let mut params = Vec::new();
     let fmt = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
     let mut token = None;
+    let mut since_text = None;
     let since = match (mode, cursor) {
         (Mode::Backfill { since, .. }, _) => Some(*since),
-        (Mode::Incremental, Some(Cursor::Position { updated_at, id })) => {
+        (
+            Mode::Incremental,
+            Some(Cursor::Position {
+                updated_at,
+                id,
+                since,
+            }),
+        ) => {
             if let Some(p) = &source.after_id_param {
                 params.push((p.clone(), id.clone()));
             }
+            // Exactly as the source wrote it: a source comparing strings skips nothing.
+            since_text = since.clone();
             Some(*updated_at)
         }
         (Mode::Incremental, Some(Cursor::Token { token: t })) => {
@@ -648,20 +691,27 @@ pub fn incremental_params(
             .map(|d| now - d),
     };
     if let (Some(p), Some(since)) = (&source.since_param, since) {
-        params.insert(0, (p.clone(), fmt(&since)));
+        params.insert(0, (p.clone(), since_text.unwrap_or_else(|| fmt(&since))));
     }
     (params, token)
 }
 
-fn page_all_after(body: &serde_json::Value, source: &SourceConfig, until: &DateTime<Utc>) -> bool {
-    extract::records(
-        body,
-        &source.records_pointer,
-        &source.id_pointer,
-        source.updated_at_pointer.as_deref(),
-    )
-    .map(|rs| rs.iter().all(|r| r.updated_at.is_some_and(|t| t >= *until)))
-    .unwrap_or(false)
+/// Why a run stopped at `max_pages`, and what the next run does.
+fn max_pages_note(source: &SourceConfig, mode: &Mode, unsorted: bool) -> String {
+    let n = source.max_pages;
+    match mode {
+        Mode::Backfill { .. } => format!(
+            "max_pages ({n}) reached before the last page; the window is not complete: run the backfill again from where it stopped, or raise max_pages"
+        ),
+        Mode::Incremental if unsorted || source.order == tardis_common::config::Order::Unsorted => {
+            format!(
+                "max_pages ({n}) reached before the last page of an unsorted source: the cursor stays where this run started and the next run reads from there again; raise max_pages so one run can read every page"
+            )
+        }
+        Mode::Incremental => format!(
+            "max_pages ({n}) reached before the last page; the next run continues from the cursor"
+        ),
+    }
 }
 
 fn internal(source: &SourceConfig, e: impl std::fmt::Display) -> FetchError {

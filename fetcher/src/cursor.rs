@@ -33,53 +33,87 @@ pub fn compare_positions(a: (&DateTime<Utc>, &str), b: (&DateTime<Utc>, &str)) -
 /// Whether `record` comes strictly after `cursor` (always true without a position cursor).
 pub fn is_after(record: &SourceRecord, cursor: Option<&Cursor>) -> bool {
     match (cursor, &record.updated_at) {
-        (Some(Cursor::Position { updated_at, id }), Some(at)) => {
+        (Some(Cursor::Position { updated_at, id, .. }), Some(at)) => {
             compare_positions((at, &record.id), (updated_at, id)) == Ordering::Greater
         }
         _ => true,
     }
 }
 
-/// The later of two cursors (a position cursor only moves forward).
-pub fn later(current: Option<Cursor>, candidate: Option<Cursor>) -> Option<Cursor> {
-    match (current, candidate) {
-        (
-            Some(Cursor::Position {
-                updated_at: a,
-                id: ia,
-            }),
-            Some(Cursor::Position {
-                updated_at: b,
-                id: ib,
-            }),
-        ) => {
-            if compare_positions((&b, &ib), (&a, &ia)) == Ordering::Greater {
-                Some(Cursor::Position {
-                    updated_at: b,
-                    id: ib,
-                })
-            } else {
-                Some(Cursor::Position {
-                    updated_at: a,
-                    id: ia,
-                })
-            }
-        }
-        (current, None) => current,
-        (_, candidate) => candidate,
+/// The position of a position cursor.
+fn position(c: &Cursor) -> Option<(&DateTime<Utc>, &str)> {
+    match c {
+        Cursor::Position { updated_at, id, .. } => Some((updated_at, id.as_str())),
+        Cursor::Token { .. } => None,
     }
 }
 
-/// The position of the last record of `records` by `(updated_at, id)`, if they have times.
-pub fn max_position(records: &[SourceRecord]) -> Option<Cursor> {
+/// The later of two cursors (a position cursor only moves forward).
+pub fn later(current: Option<Cursor>, candidate: Option<Cursor>) -> Option<Cursor> {
+    match (current, candidate) {
+        (Some(a), Some(b)) => match (position(&a), position(&b)) {
+            (Some(pa), Some(pb)) if compare_positions(pb, pa) != Ordering::Greater => Some(a),
+            _ => Some(b),
+        },
+        (current, None) => current,
+        (None, candidate) => candidate,
+    }
+}
+
+/// The record of `records` last by `(updated_at, id)`, if they have times.
+pub fn max_record(records: &[SourceRecord]) -> Option<&SourceRecord> {
     records
         .iter()
-        .filter_map(|r| r.updated_at.as_ref().map(|t| (t, r.id.as_str())))
-        .max_by(|a, b| compare_positions(*a, *b))
-        .map(|(t, id)| Cursor::Position {
-            updated_at: *t,
-            id: id.to_string(),
+        .filter(|r| r.updated_at.is_some())
+        .max_by(|a, b| {
+            compare_positions(
+                (
+                    a.updated_at.as_ref().unwrap_or(&DateTime::<Utc>::MIN_UTC),
+                    &a.id,
+                ),
+                (
+                    b.updated_at.as_ref().unwrap_or(&DateTime::<Utc>::MIN_UTC),
+                    &b.id,
+                ),
+            )
         })
+}
+
+/// The cursor just after `record`, keeping its `updated_at` exactly as the source wrote it
+/// (read at `updated_at_pointer` in its payload) to send back as `since`.
+pub fn position_of(record: &SourceRecord, updated_at_pointer: Option<&str>) -> Option<Cursor> {
+    let updated_at = record.updated_at?;
+    let since = updated_at_pointer.and_then(|p| source_text(record, p));
+    Some(Cursor::Position {
+        updated_at,
+        id: record.id.clone(),
+        since,
+    })
+}
+
+/// The cursor after the last record of `records` by `(updated_at, id)`.
+pub fn max_position(records: &[SourceRecord], updated_at_pointer: Option<&str>) -> Option<Cursor> {
+    max_record(records).and_then(|r| position_of(r, updated_at_pointer))
+}
+
+/// The value at `pointer` in a record's payload as the source wrote it: a string's content,
+/// or a number's digits.
+fn source_text(record: &SourceRecord, pointer: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(record.payload.get()).ok()?;
+    match value.pointer(pointer)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The `since` value to send for a cursor: the source's own text when the cursor has it,
+/// else RFC 3339 with as many fractional digits as needed.
+pub fn since_text(updated_at: &DateTime<Utc>, since: Option<&str>) -> String {
+    since.map_or_else(
+        || updated_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        str::to_string,
+    )
 }
 
 #[cfg(test)]
@@ -121,6 +155,7 @@ mod tests {
         let cursor = Cursor::Position {
             updated_at: at("2026-01-01T00:00:00Z"),
             id: "2".into(),
+            since: None,
         };
         let t = "2026-01-01T00:00:00Z";
         assert!(!is_after(&rec("1", t), Some(&cursor)));
@@ -140,10 +175,12 @@ mod tests {
         let a = Cursor::Position {
             updated_at: at("2026-01-01T00:00:00Z"),
             id: "5".into(),
+            since: Some("2026-01-01T00:00:00.000Z".into()),
         };
         let b = Cursor::Position {
             updated_at: at("2026-01-01T00:00:00Z"),
             id: "4".into(),
+            since: None,
         };
         assert_eq!(later(Some(a.clone()), Some(b.clone())), Some(a.clone()));
         assert_eq!(later(Some(b), Some(a.clone())), Some(a.clone()));
@@ -160,11 +197,64 @@ mod tests {
             rec("1", "2025-01-01T00:00:00Z"),
         ];
         assert_eq!(
-            max_position(&records),
+            max_position(&records, None),
             Some(Cursor::Position {
                 updated_at: at("2026-01-01T00:00:00Z"),
-                id: "12".into()
+                id: "12".into(),
+                since: None,
             })
+        );
+    }
+
+    fn written(id: &str, text: serde_json::Value) -> SourceRecord {
+        let payload = serde_json::json!({"id": id, "meta": {"modified": text}});
+        SourceRecord {
+            id: id.into(),
+            updated_at: crate::extract::parse_time(&text),
+            payload: RawValue::from_string(payload.to_string()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_cursor_keeps_updated_at_exactly_as_the_source_wrote_it() {
+        for text in [
+            "2026-11-30T10:00:39.000Z",
+            "2026-11-30T10:00:39Z",
+            "2026-11-30T10:00:39+00:00",
+            "2026-11-30T11:00:39.000000+01:00",
+            "2026-11-30T10:00:39.123456789Z",
+            "2026-11-30 10:00:39",
+        ] {
+            let r = written("7", serde_json::json!(text));
+            let c = max_position(std::slice::from_ref(&r), Some("/meta/modified")).unwrap();
+            let Cursor::Position {
+                updated_at, since, ..
+            } = &c
+            else {
+                panic!("{c:?}")
+            };
+            assert_eq!(since.as_deref(), Some(text));
+            assert_eq!(since_text(updated_at, since.as_deref()), text);
+            assert_eq!(updated_at.timestamp(), 1_796_032_839, "{text}");
+        }
+        let r = written("7", serde_json::json!(1_796_032_839));
+        let c = max_position(std::slice::from_ref(&r), Some("/meta/modified")).unwrap();
+        assert!(matches!(&c, Cursor::Position { since: Some(s), .. } if s == "1796032839"));
+    }
+
+    #[test]
+    fn ordering_compares_parsed_times_not_text() {
+        // "…39Z" sorts after "…39.500Z" as text; as times it is earlier.
+        let a = written("1", serde_json::json!("2026-11-30T10:00:39Z"));
+        let b = written("2", serde_json::json!("2026-11-30T10:00:39.500Z"));
+        let c = max_position(&[b.clone(), a.clone()], Some("/meta/modified")).unwrap();
+        assert!(matches!(&c, Cursor::Position { id, .. } if id == "2"));
+        let cursor = position_of(&a, Some("/meta/modified"));
+        assert!(is_after(&b, cursor.as_ref()));
+        assert_eq!(
+            since_text(&a.updated_at.unwrap(), None),
+            "2026-11-30T10:00:39Z",
+            "without the source's text, RFC 3339"
         );
     }
 }

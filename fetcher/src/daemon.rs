@@ -27,8 +27,7 @@ pub async fn run(
         let chunk_size = sources.chunk_size;
         loops.spawn(async move {
             if run_at_start {
-                let report = collector.run_source(source.clone(), chunk_size, Mode::Incremental, &shutdown).await;
-                eprintln!("{}", report.summary());
+                run_once(&collector, &source, chunk_size, &shutdown).await;
             }
             loop {
                 let now = Utc::now();
@@ -42,8 +41,7 @@ pub async fn run(
                     () = tokio::time::sleep(wait) => {}
                     () = shutdown.cancelled() => return,
                 }
-                let report = collector.run_source(source.clone(), chunk_size, Mode::Incremental, &shutdown).await;
-                eprintln!("{}", report.summary());
+                run_once(&collector, &source, chunk_size, &shutdown).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -53,6 +51,32 @@ pub async fn run(
     while let Some(r) = loops.join_next().await {
         if let Err(e) = r {
             warn!(error = %e, "a source loop panicked");
+        }
+    }
+}
+
+/// One run in a task of its own, so that even a bug that panics a run leaves the source's
+/// schedule running.
+async fn run_once(
+    collector: &Collector,
+    source: &Arc<tardis_common::config::SourceConfig>,
+    chunk_size: u32,
+    shutdown: &CancellationToken,
+) {
+    let run = tokio::spawn({
+        let collector = collector.clone();
+        let source = source.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            collector
+                .run_source(source, chunk_size, Mode::Incremental, &shutdown)
+                .await
+        }
+    });
+    match run.await {
+        Ok(report) => eprintln!("{}", report.summary()),
+        Err(e) => {
+            tracing::error!(source = %source.name, error = %e, "a fetch run panicked; the next one runs on schedule")
         }
     }
 }

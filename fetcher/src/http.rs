@@ -20,8 +20,11 @@ use url::Url;
 
 use crate::metrics::FetchMetrics;
 
-/// The largest response body read into memory (one page).
-pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// The largest error body read (its first 200 characters are shown, after redaction).
+pub const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+
+/// Characters of an error body shown in messages.
+pub const ERROR_BODY_CHARS: usize = 200;
 
 /// Waits between retries. The default sleeps; tests record the waits instead.
 pub trait Sleeper: Send + Sync + std::fmt::Debug {
@@ -97,6 +100,11 @@ pub enum FetchError {
     },
     #[error("source {source_name}: interrupted by shutdown")]
     Cancelled { source_name: String },
+    #[error("source {source_name}: {error}")]
+    State {
+        source_name: String,
+        error: crate::state::StateError,
+    },
 }
 
 enum Attempt {
@@ -135,8 +143,10 @@ impl SourceClient {
             let quota = if rps >= 1.0 {
                 Quota::per_second(NonZeroU32::new(rps.floor() as u32).unwrap_or(NonZeroU32::MIN))
             } else {
-                Quota::with_period(Duration::from_secs_f64(1.0 / rps))
-                    .unwrap_or(Quota::per_second(NonZeroU32::MIN))
+                Duration::try_from_secs_f64(1.0 / rps)
+                    .ok()
+                    .and_then(Quota::with_period)
+                    .unwrap_or(Quota::per_hour(NonZeroU32::MIN))
             };
             RateLimiter::direct(quota.allow_burst(NonZeroU32::MIN))
         });
@@ -146,7 +156,8 @@ impl SourceClient {
                 .retry_delay
                 .saturating_mul(32)
                 .min(Duration::from_secs(600)),
-        );
+        )
+        .with_max_wait(source.retry_max_wait);
         Ok(Self {
             source,
             http,
@@ -205,14 +216,23 @@ impl SourceClient {
         h
     }
 
-    /// `url` without credentials, for messages.
-    /// `url` as sent (with the query credential, if any), credentials shown as `***`.
+    /// `url` as sent (with the query credential, if any), for messages: no user info, every
+    /// credential-like parameter as `***`, the source's credential nowhere.
     pub fn redact(&self, url: &Url) -> String {
-        redact_url(
+        crate::redact::url(
             &self.authenticated(url),
             &[self.source.api_key_param.as_str()],
-            self.source.auth_type == AuthType::ApiKeyQuery,
+            self.secret(),
         )
+    }
+
+    fn secret(&self) -> Option<&str> {
+        self.source.credential.as_ref().map(|c| c.expose().as_str())
+    }
+
+    /// `text` with the source's credential as `***`, cut to [`ERROR_BODY_CHARS`].
+    pub fn redact_text(&self, text: &str) -> String {
+        crate::redact::text(text, self.secret(), ERROR_BODY_CHARS)
     }
 
     /// GETs `url`, retrying what can be retried, until it succeeds, fails for good, or
@@ -311,13 +331,11 @@ impl SourceClient {
                     url: shown,
                 });
             }
-            let body: String = response
-                .text()
+            let mut response = response;
+            let raw = read_limited(&mut response, MAX_ERROR_BODY_BYTES)
                 .await
-                .unwrap_or_default()
-                .chars()
-                .take(200)
-                .collect();
+                .map_or_else(|_| Vec::new(), |(bytes, _)| bytes);
+            let body = self.redact_text(&String::from_utf8_lossy(&raw));
             let error = FetchError::Status {
                 source_name: name,
                 status: status.as_u16(),
@@ -338,24 +356,23 @@ impl SourceClient {
             .get(LINK)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let mut response = response;
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(bytes)) => {
-                    if body.len() + bytes.len() > MAX_BODY_BYTES {
-                        return Attempt::Fail(FetchError::TooLarge {
-                            source_name: name,
-                            url: shown,
-                            limit: MAX_BODY_BYTES,
-                        });
-                    }
-                    body.extend_from_slice(&bytes);
-                }
-                Ok(None) => break,
-                Err(e) => return self.transport_failure(name, shown, e),
-            }
+        let limit = self.source.max_page_bytes;
+        let too_large = || {
+            Attempt::Fail(FetchError::TooLarge {
+                source_name: name.clone(),
+                url: shown.clone(),
+                limit,
+            })
+        };
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return too_large();
         }
+        let mut response = response;
+        let body = match read_limited(&mut response, limit).await {
+            Ok((body, false)) => body,
+            Ok((_, true)) => return too_large(),
+            Err(e) => return self.transport_failure(name, shown, e),
+        };
         match serde_json::from_slice::<Value>(&body) {
             Ok(value) => Attempt::Done(Page {
                 body: value,
@@ -371,6 +388,23 @@ impl SourceClient {
     }
 }
 
+/// Reads a body up to `limit` bytes: the bytes, and whether there was more.
+async fn read_limited(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(bytes) = response.chunk().await? {
+        if body.len() + bytes.len() > limit {
+            let room = limit - body.len();
+            body.extend_from_slice(&bytes[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&bytes);
+    }
+    Ok((body, false))
+}
+
 /// A reqwest error with its causes, without the URL (it may hold a query credential; we
 /// print a redacted URL ourselves).
 fn describe_reqwest(e: reqwest::Error) -> String {
@@ -380,47 +414,5 @@ fn describe_reqwest(e: reqwest::Error) -> String {
         format!("timed out ({text})")
     } else {
         text
-    }
-}
-
-/// `url` without user info, and with the values of `secret_params` replaced by `***`.
-pub fn redact_url(url: &Url, secret_params: &[&str], redact_params: bool) -> String {
-    let mut u = url.clone();
-    // Both fail only for URLs that cannot have credentials, which then have none to remove.
-    if u.set_username("").is_err() || u.set_password(None).is_err() {
-        tracing::trace!("url has no credentials to remove");
-    }
-    if redact_params && u.query().is_some() {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if secret_params.contains(&k.as_ref()) {
-                    "***".to_string()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    u.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redaction_removes_user_info_and_secret_parameters() {
-        let u = Url::parse("https://user:pw@api.example.com/x?since=1&key=s3cret&page=2").unwrap();
-        assert_eq!(
-            redact_url(&u, &["key"], true),
-            "https://api.example.com/x?since=1&key=***&page=2"
-        );
-        assert_eq!(
-            redact_url(&u, &["key"], false),
-            "https://api.example.com/x?since=1&key=s3cret&page=2"
-        );
     }
 }

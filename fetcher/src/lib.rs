@@ -3,15 +3,21 @@
 //!
 //! * [`config`]: command line and environment;
 //! * [`collect`]: one run of one source (lease, cursor, pages, chunks, report);
-//! * [`http`]: authentication, retries, rate limit; [`pagination`], [`extract`], [`cursor`],
-//!   [`chunker`]: the pure pieces; [`state`]: cursor and lease in the KV bucket;
+//! * [`http`]: authentication, retries, rate limit, bounded bodies; [`redact`]: credentials
+//!   out of URLs and bodies;
+//! * the pure pieces: [`pagination`] (with [`link`], the RFC 8288 parser), [`extract`],
+//!   [`cursor`], [`advance`] (when the cursor may move), [`chunker`];
+//! * [`state`]: cursor and lease in KV buckets; [`report`]: the run report;
 //! * [`daemon`]: the schedule loop.
 //!
 //! Modes: `run` (one pass, the CronJob), `daemon` (cron schedules), `backfill` (a window,
 //! cursor untouched). Exit code of `run`/`backfill`: 0 when every selected source succeeded
-//! or was skipped (another fetcher held its lease), 1 when any failed.
+//! or was skipped (another fetcher held its lease), 1 when any failed or was interrupted,
+//! 3 when none failed but one stopped at `max_pages` (`incomplete`: the run could not prove
+//! it read everything, so a CronJob's Job fails and alerts).
 #![forbid(unsafe_code)]
 
+pub mod advance;
 pub mod checkpoint;
 pub mod chunker;
 pub mod collect;
@@ -20,8 +26,11 @@ pub mod cursor;
 pub mod daemon;
 pub mod extract;
 pub mod http;
+pub mod link;
 pub mod metrics;
 pub mod pagination;
+pub mod redact;
+pub mod report;
 pub mod state;
 
 use std::process::ExitCode;
@@ -39,6 +48,9 @@ pub use config::{Command, Config};
 
 use crate::collect::{Collector, Mode, RunReport};
 use crate::http::{Sleeper, TokioSleeper};
+
+/// The exit code of a pass in which no source failed but one stopped at `max_pages`.
+pub const EXIT_INCOMPLETE: u8 = 3;
 
 /// The component name in logs, metrics and the NATS client name.
 pub const COMPONENT: &str = "fetcher";
@@ -87,6 +99,14 @@ pub async fn run_with(
         .get_key_value(config.common.names.fetch_state_bucket())
         .await
         .context("opening the fetch-state bucket")?;
+    let leases = js
+        .create_or_update_key_value(state::lease_bucket_config(
+            config.common.names.fetch_lease_bucket(),
+            config.lease_ttl,
+            config.common.streams.replicas,
+        ))
+        .await
+        .context("creating the fetch-lease bucket")?;
     let checkpoints = match &config.postgres {
         Some(pg) => Some(checkpoint::Checkpoints::new(
             pg.pool().context("building the Postgres pool")?,
@@ -96,7 +116,7 @@ pub async fn run_with(
     let collector = Collector {
         js,
         names: config.common.names.clone(),
-        state: state::FetchState::new(store, config.lease_ttl),
+        state: state::FetchState::new(store, leases, config.lease_ttl),
         metrics,
         max_payload: client.server_info().max_payload,
         holder: holder_id(),
@@ -173,11 +193,20 @@ fn exit_code(reports: &[RunReport]) -> ExitCode {
         .iter()
         .filter(|r| matches!(r.outcome, RunOutcome::Failed | RunOutcome::Interrupted))
         .count();
-    info!(sources = reports.len(), failed, "fetch pass finished");
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
+    let incomplete = reports
+        .iter()
+        .filter(|r| r.outcome == RunOutcome::Incomplete)
+        .count();
+    info!(
+        sources = reports.len(),
+        failed, incomplete, "fetch pass finished"
+    );
+    if failed > 0 {
         ExitCode::FAILURE
+    } else if incomplete > 0 {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -17,6 +17,7 @@ pub struct FetchMetrics {
     pub last_success: IntGaugeVec,
     pub in_flight: IntGaugeVec,
     pub oversized: IntCounterVec,
+    pub out_of_order: IntCounterVec,
 }
 
 impl FetchMetrics {
@@ -89,6 +90,11 @@ impl FetchMetrics {
             oversized: counter(
                 "tardis_fetch_oversized_records_total",
                 "Records larger than the NATS max payload, sent to the dead-letter stream",
+                &["source"],
+            )?,
+            out_of_order: counter(
+                "tardis_fetch_out_of_order_records_total",
+                "Records that came after a record with a later (updated_at, id) in the same run (the cursor then moves only after a complete run)",
                 &["source"],
             )?,
         })

@@ -1,13 +1,18 @@
-//! Fetch state in the JetStream key-value bucket `TARDIS_FETCH_STATE`.
+//! Fetch state in JetStream key-value buckets.
 //!
-//! * `cursor.<source>`: the fetch cursor ("published through") and the count of records
-//!   published so far. Written only after JetStream acknowledged the chunk carrying it.
-//! * `lease.<source>` (and `lease.backfill.<source>`): who is fetching the source, until when.
-//!   Taken with compare-and-set (`create`, or `update` on the revision of an expired lease),
-//!   renewed at a third of its lifetime, deleted at the end of the run. A fetcher that finds
-//!   a live lease skips the source (the run is reported as `skipped`, exit code 0): the other
-//!   fetcher is doing the work. A fetcher that dies leaves a lease that expires after
-//!   `FETCH_LEASE_TTL`.
+//! * `TARDIS_FETCH_STATE`, key `cursor.<source>`: the fetch cursor ("published through") and
+//!   the count of records published so far. Written only after JetStream acknowledged the
+//!   chunk carrying it, and only by the lease holder: a run *fences* the cursor when it
+//!   starts (rewrites it, taking a new revision) and every later write is a compare-and-set on
+//!   the revision it last wrote. A fetcher that lost its lease to another one therefore can
+//!   never move the cursor: its next write finds a newer revision and fails.
+//! * `TARDIS_FETCH_LEASES`, key `<source>` (and `backfill.<source>`): who is fetching the
+//!   source. The bucket's `max_age` is `FETCH_LEASE_TTL`, so the NATS server removes a lease
+//!   that was not renewed within the TTL, on its own clock: expiry never depends on two hosts'
+//!   clocks agreeing. Taken with `create`, renewed with compare-and-set at a third of its
+//!   lifetime (a failed renewal is retried until the TTL since the last good one has passed),
+//!   deleted at the end of the run. A fetcher that finds a live lease skips the source (the
+//!   run is reported as `skipped`, exit code 0): the other fetcher is doing the work.
 
 use std::time::Duration;
 
@@ -30,7 +35,8 @@ pub struct CursorState {
 pub struct Lease {
     pub holder: String,
     pub run_id: String,
-    pub expires_at: DateTime<Utc>,
+    /// When the holder took or last renewed it (its own clock; for people, not for expiry).
+    pub renewed_at: DateTime<Utc>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,16 @@ pub enum StateError {
     Write { key: String, error: String },
     #[error("{key} in the fetch-state bucket is not valid: {error}")]
     Corrupt { key: String, error: String },
+    /// Someone else wrote the key since we last did: we no longer hold the source.
+    #[error("{key} was changed by another fetcher: this run no longer holds the source")]
+    Fenced { key: String },
+}
+
+impl StateError {
+    /// Whether the failure says the lease or cursor is someone else's now (not a NATS blip).
+    pub fn is_lost(&self) -> bool {
+        matches!(self, StateError::Fenced { .. })
+    }
 }
 
 /// The outcome of trying to take a lease.
@@ -59,10 +75,18 @@ pub struct HeldLease {
     pub revision: u64,
 }
 
-/// Access to the fetch-state bucket.
+/// The cursor of a source as this run holds it: the revision of our last write.
+#[derive(Debug, Clone)]
+pub struct HeldCursor {
+    pub key: String,
+    pub revision: u64,
+}
+
+/// Access to the fetch-state and lease buckets.
 #[derive(Debug, Clone)]
 pub struct FetchState {
     store: Store,
+    leases: Store,
     ttl: Duration,
 }
 
@@ -72,15 +96,49 @@ pub fn cursor_key(source: &str) -> String {
 
 pub fn lease_key(source: &str, backfill: bool) -> String {
     if backfill {
-        format!("lease.backfill.{source}")
+        format!("backfill.{source}")
     } else {
-        format!("lease.{source}")
+        source.to_string()
+    }
+}
+
+/// The lease bucket's configuration: entries expire `ttl` after their last write.
+pub fn lease_bucket_config(bucket: String, ttl: Duration, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket,
+        description: "Tardis fetch run leases (expire FETCH_LEASE_TTL after the last renewal)"
+            .to_string(),
+        history: 1,
+        max_age: ttl,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// What to do after a failed lease renewal, `since_ok` after the last good one: retry after
+/// the returned wait, or `None` when the lease has surely expired on the server by now.
+pub fn retry_renewal(ttl: Duration, since_ok: Duration) -> Option<Duration> {
+    // The server counts the TTL from when it stored our last renewal, which is before we saw
+    // its answer: give up a little early rather than write on an expired lease.
+    let deadline = ttl.mul_f64(0.9);
+    if since_ok >= deadline {
+        return None;
+    }
+    let step = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    Some(step.min(deadline - since_ok))
+}
+
+fn write_error(key: &str, e: impl std::fmt::Display) -> StateError {
+    StateError::Write {
+        key: key.to_string(),
+        error: e.to_string(),
     }
 }
 
 impl FetchState {
-    pub fn new(store: Store, ttl: Duration) -> Self {
-        Self { store, ttl }
+    pub fn new(store: Store, leases: Store, ttl: Duration) -> Self {
+        Self { store, leases, ttl }
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -93,38 +151,84 @@ impl FetchState {
             key: key.clone(),
             error: e.to_string(),
         })?;
-        value
-            .map(|v| {
-                serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
-                    key: key.clone(),
-                    error: e.to_string(),
-                })
-            })
-            .transpose()
+        value.map(|v| decode_cursor(&key, &v)).transpose()
     }
 
-    pub async fn save_cursor(&self, source: &str, state: &CursorState) -> Result<(), StateError> {
+    /// Reads the cursor and fences it: rewrites it so that the revision any earlier holder
+    /// knows is stale. Call after taking the lease, before the first cursor write.
+    pub async fn fence_cursor(
+        &self,
+        source: &str,
+    ) -> Result<(Option<CursorState>, HeldCursor), StateError> {
         let key = cursor_key(source);
-        let bytes = serde_json::to_vec(state).map_err(|e| StateError::Write {
+        let entry = self.store.entry(&key).await.map_err(|e| StateError::Read {
             key: key.clone(),
             error: e.to_string(),
         })?;
-        self.store
-            .put(&key, bytes.into())
+        let live = entry.filter(|e| e.operation == kv::Operation::Put);
+        match live {
+            Some(entry) => {
+                let state = decode_cursor(&key, &entry.value)?;
+                let revision = self
+                    .store
+                    .update(&key, entry.value.clone(), entry.revision)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => {
+                            StateError::Fenced { key: key.clone() }
+                        }
+                        _ => write_error(&key, e),
+                    })?;
+                Ok((Some(state), HeldCursor { key, revision }))
+            }
+            None => {
+                let empty = CursorState {
+                    cursor: None,
+                    published_total: 0,
+                    updated_at: Utc::now(),
+                };
+                let bytes = serde_json::to_vec(&empty).map_err(|e| write_error(&key, e))?;
+                let revision = self
+                    .store
+                    .create(&key, bytes.into())
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => {
+                            StateError::Fenced { key: key.clone() }
+                        }
+                        _ => write_error(&key, e),
+                    })?;
+                Ok((None, HeldCursor { key, revision }))
+            }
+        }
+    }
+
+    /// Saves the cursor if nobody else wrote it since our last write.
+    pub async fn save_cursor(
+        &self,
+        held: &mut HeldCursor,
+        state: &CursorState,
+    ) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| write_error(&held.key, e))?;
+        let revision = self
+            .store
+            .update(&held.key, bytes.into(), held.revision)
             .await
-            .map(|_| ())
-            .map_err(|e| StateError::Write {
-                key,
-                error: e.to_string(),
-            })
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => StateError::Fenced {
+                    key: held.key.clone(),
+                },
+                _ => write_error(&held.key, e),
+            })?;
+        held.revision = revision;
+        Ok(())
     }
 
     fn lease_value(&self, holder: &str, run_id: &str) -> Lease {
         Lease {
             holder: holder.to_string(),
             run_id: run_id.to_string(),
-            expires_at: Utc::now()
-                + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(5)),
+            renewed_at: Utc::now(),
         }
     }
 
@@ -136,91 +240,118 @@ impl FetchState {
         run_id: &str,
     ) -> Result<Acquired, StateError> {
         let lease = self.lease_value(holder, run_id);
-        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write {
-            key: key.into(),
-            error: e.to_string(),
-        })?;
-        match self.store.create(key, bytes.clone().into()).await {
-            Ok(revision) => {
-                return Ok(Acquired::Yes(HeldLease {
-                    key: key.into(),
-                    lease,
-                    revision,
-                }));
+        let bytes = serde_json::to_vec(&lease).map_err(|e| write_error(key, e))?;
+        // A lease that expires or is released between our create and our read: try again.
+        for _ in 0..3 {
+            match self.leases.create(key, bytes.clone().into()).await {
+                Ok(revision) => {
+                    return Ok(Acquired::Yes(HeldLease {
+                        key: key.into(),
+                        lease,
+                        revision,
+                    }));
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(write_error(key, e)),
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(StateError::Write {
-                    key: key.into(),
-                    error: e.to_string(),
-                });
-            }
-        }
-        let entry = self.store.entry(key).await.map_err(|e| StateError::Read {
-            key: key.into(),
-            error: e.to_string(),
-        })?;
-        let Some(entry) = entry else {
-            // Deleted between our create and read: try once more from the top.
-            return Box::pin(self.acquire(key, holder, run_id)).await;
-        };
-        let current: Option<Lease> = serde_json::from_slice(&entry.value).ok();
-        if let Some(current) = &current
-            && current.expires_at > Utc::now()
-        {
-            return Ok(Acquired::No(current.clone()));
-        }
-        match self.store.update(key, bytes.into(), entry.revision).await {
-            Ok(revision) => Ok(Acquired::Yes(HeldLease {
+            let current = self.leases.get(key).await.map_err(|e| StateError::Read {
                 key: key.into(),
-                lease,
-                revision,
-            })),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                // Another fetcher took the expired lease first.
-                let now = self.store.get(key).await.ok().flatten();
-                let holder = now.and_then(|v| serde_json::from_slice::<Lease>(&v).ok());
-                Ok(Acquired::No(holder.unwrap_or(Lease {
-                    holder: "another fetcher".into(),
-                    run_id: String::new(),
-                    expires_at: Utc::now(),
-                })))
-            }
-            Err(e) => Err(StateError::Write {
-                key: key.into(),
-                error: e.to_string(),
-            }),
-        }
-    }
-
-    /// Extends a held lease; fails if someone else took it.
-    pub async fn renew(&self, held: &mut HeldLease) -> Result<(), StateError> {
-        let lease = self.lease_value(&held.lease.holder, &held.lease.run_id);
-        let bytes = serde_json::to_vec(&lease).map_err(|e| StateError::Write {
-            key: held.key.clone(),
-            error: e.to_string(),
-        })?;
-        let revision = self
-            .store
-            .update(&held.key, bytes.into(), held.revision)
-            .await
-            .map_err(|e| StateError::Write {
-                key: held.key.clone(),
                 error: e.to_string(),
             })?;
-        held.lease = lease;
-        held.revision = revision;
-        Ok(())
+            if let Some(value) = current {
+                let current = serde_json::from_slice::<Lease>(&value).unwrap_or(Lease {
+                    holder: "another fetcher".into(),
+                    run_id: String::new(),
+                    renewed_at: Utc::now(),
+                });
+                return Ok(Acquired::No(current));
+            }
+        }
+        Err(write_error(key, "the lease kept changing hands; try again"))
+    }
+
+    /// Extends a held lease once; [`StateError::Fenced`] when it is gone (expired on the
+    /// server or taken by another fetcher), another error for a failure worth retrying.
+    pub async fn renew(&self, held: &mut HeldLease) -> Result<(), StateError> {
+        let lease = self.lease_value(&held.lease.holder, &held.lease.run_id);
+        let bytes = serde_json::to_vec(&lease).map_err(|e| write_error(&held.key, e))?;
+        match self
+            .leases
+            .update(&held.key, bytes.into(), held.revision)
+            .await
+        {
+            Ok(revision) => {
+                held.lease = lease;
+                held.revision = revision;
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // An earlier renewal whose answer we lost may have gone through: if the entry
+                // is still ours, carry on from its revision.
+                let entry = self.leases.entry(&held.key).await.ok().flatten();
+                match entry {
+                    Some(entry) if entry.operation == kv::Operation::Put => {
+                        match serde_json::from_slice::<Lease>(&entry.value) {
+                            Ok(l)
+                                if l.holder == held.lease.holder
+                                    && l.run_id == held.lease.run_id =>
+                            {
+                                held.revision = entry.revision;
+                                held.lease = l;
+                                Ok(())
+                            }
+                            _ => Err(StateError::Fenced {
+                                key: held.key.clone(),
+                            }),
+                        }
+                    }
+                    _ => Err(StateError::Fenced {
+                        key: held.key.clone(),
+                    }),
+                }
+            }
+            Err(e) => Err(write_error(&held.key, e)),
+        }
     }
 
     /// Gives a lease back (only if it is still ours).
     pub async fn release(&self, held: &HeldLease) -> Result<(), StateError> {
-        self.store
+        self.leases
             .delete_expect_revision(&held.key, Some(held.revision))
             .await
-            .map_err(|e| StateError::Write {
-                key: held.key.clone(),
-                error: e.to_string(),
-            })
+            .map_err(|e| write_error(&held.key, e))
+    }
+}
+
+fn decode_cursor(key: &str, value: &[u8]) -> Result<CursorState, StateError> {
+    serde_json::from_slice(value).map_err(|e| StateError::Corrupt {
+        key: key.to_string(),
+        error: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_are_retried_until_the_lease_has_surely_expired() {
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            retry_renewal(ttl, Duration::from_secs(20)),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            retry_renewal(ttl, Duration::from_secs(52)),
+            Some(Duration::from_secs(2)),
+            "never past the deadline"
+        );
+        assert_eq!(retry_renewal(ttl, Duration::from_secs(54)), None);
+        assert_eq!(retry_renewal(ttl, Duration::from_secs(600)), None);
+        let short = Duration::from_secs(3);
+        assert_eq!(
+            retry_renewal(short, Duration::from_secs(1)),
+            Some(Duration::from_millis(300))
+        );
     }
 }

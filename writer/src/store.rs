@@ -76,7 +76,7 @@ pub fn rows(chunks: &[EnrichedChunk]) -> Vec<RecordRow> {
 /// is numeric order; token cursors are ordered by when their chunk was fetched.
 pub fn cursor_key(cursor: &Cursor, fetched_at: DateTime<Utc>) -> (DateTime<Utc>, String) {
     match cursor {
-        Cursor::Position { updated_at, id } => {
+        Cursor::Position { updated_at, id, .. } => {
             let key = if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
                 format!("0{:0>39}", id.trim_start_matches('0'))
             } else {
@@ -262,13 +262,20 @@ pub async fn write_runs(
                     &(r.chunks as i64),
                     &(r.bytes as i64),
                     &r.outcome.as_str(),
-                    &r.error,
+                    &run_error(r),
                     &r.cursor_after.as_ref().and_then(|c| serde_json::to_value(c).ok()),
                 ],
             )
             .await?;
     }
     Ok(n)
+}
+
+/// `fetch_runs.error`: what went wrong, then what the run warned about.
+fn run_error(r: &tardis_common::messages::FetchRun) -> Option<String> {
+    let mut parts: Vec<String> = r.error.iter().cloned().collect();
+    parts.extend(r.warnings.iter().map(|w| format!("warning: {w}")));
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 #[cfg(test)]
@@ -283,6 +290,7 @@ mod tests {
                 &Cursor::Position {
                     updated_at: t,
                     id: id.into(),
+                    since: None,
                 },
                 t,
             )

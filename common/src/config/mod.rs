@@ -12,7 +12,7 @@
 mod sources;
 
 pub use sources::{
-    AuthType, DEFAULT_CREDENTIAL_ENV, Pagination, ScheduleSpec, SourceConfig, SourcesConfig,
+    AuthType, DEFAULT_CREDENTIAL_ENV, Order, Pagination, ScheduleSpec, SourceConfig, SourcesConfig,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -319,7 +319,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!("must be a positive duration, got {value:?}"));
         }
-        Duration::from_secs_f64(secs)
+        Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("is too large a duration, got {value:?}"))?
     } else {
         humantime::parse_duration(value)
             .map_err(|e| format!("is not a duration ({e}): {value:?}"))?
@@ -382,6 +383,13 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_not_panics() {
+        assert!(parse_duration("1e300").unwrap_err().contains("too large"));
+        assert!(parse_duration("NaN").is_err());
+        assert!(parse_duration("-1").is_err());
     }
 
     #[test]

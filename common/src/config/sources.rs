@@ -136,6 +136,18 @@ fn default_cursor_param() -> String {
     "cursor".into()
 }
 
+/// Whether a source returns records in `(updated_at, id)` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Sorted (the default): the cursor follows each published chunk, so a run cut short
+    /// continues where it stopped. Disorder is still detected, and then handled as `unsorted`.
+    #[default]
+    Sorted,
+    /// Not sorted: the cursor moves only when a run has read every page.
+    Unsorted,
+}
+
 /// When a source runs in daemon mode.
 #[derive(Debug, Clone)]
 pub enum ScheduleSpec {
@@ -197,6 +209,12 @@ pub struct SourceConfig {
     pub timeout: Duration,
     pub max_retries: u32,
     pub retry_delay: Duration,
+    /// `RETRY_MAX_WAIT`: the longest server-given wait (`Retry-After`) honoured.
+    pub retry_max_wait: Duration,
+    /// The order the source returns records in.
+    pub order: Order,
+    /// The largest page body read, in bytes (`max_page_bytes`, default 64 MiB).
+    pub max_page_bytes: usize,
 }
 
 /// A duration in JSON: seconds as a number, or a string such as `"24h"`.
@@ -260,6 +278,10 @@ struct RawSource {
     max_retries: Option<i64>,
     #[serde(default)]
     retry_delay: Option<JsonDuration>,
+    #[serde(default)]
+    order: Option<Order>,
+    #[serde(default)]
+    max_page_bytes: Option<i64>,
 }
 
 /// Tells "absent" (outer `None`) from "explicitly null" (`Some(None)`).
@@ -300,6 +322,8 @@ pub struct SourcesConfig {
     pub retry_delay: Duration,
     /// `COLLECTION_INTERVAL`: how often a source without a `schedule` runs in daemon mode.
     pub collection_interval: Duration,
+    /// `RETRY_MAX_WAIT`: the longest server-given wait honoured (default 5 min).
+    pub retry_max_wait: Duration,
 }
 
 impl SourcesConfig {
@@ -310,6 +334,7 @@ impl SourcesConfig {
     pub const DEFAULT_INITIAL_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_PAGES: u32 = 10_000;
+    pub const DEFAULT_MAX_PAGE_BYTES: usize = 64 << 20;
 
     pub fn read(r: &mut Reader<'_>) -> Self {
         let chunk_size = r.positive_u32("CHUNK_SIZE", Self::DEFAULT_CHUNK_SIZE);
@@ -317,12 +342,14 @@ impl SourcesConfig {
         let retry_delay = r.duration("RETRY_DELAY", Self::DEFAULT_RETRY_DELAY);
         let collection_interval =
             r.duration("COLLECTION_INTERVAL", Self::DEFAULT_COLLECTION_INTERVAL);
+        let retry_max_wait = r.duration("RETRY_MAX_WAIT", crate::backoff::DEFAULT_RETRY_MAX_WAIT);
         let mut config = Self {
             sources: Vec::new(),
             chunk_size,
             max_retries,
             retry_delay,
             collection_interval,
+            retry_max_wait,
         };
         let Some(raw) = r.raw("DATA_SOURCES") else {
             r.problem(
@@ -581,6 +608,18 @@ fn validate_source(
         false,
     );
     let max_retries = positive("max_retries", raw.max_retries, defaults.max_retries, true);
+    let max_page_bytes = match raw.max_page_bytes {
+        None => SourcesConfig::DEFAULT_MAX_PAGE_BYTES,
+        Some(n) if (1024..=1 << 40).contains(&n) => n as usize,
+        Some(n) => {
+            r.problem(
+                key("max_page_bytes"),
+                format!("{label}: max_page_bytes must be between 1024 and 2^40, got {n}"),
+                "for example \"max_page_bytes\": 67108864 (64 MiB)",
+            );
+            SourcesConfig::DEFAULT_MAX_PAGE_BYTES
+        }
+    };
     let rate_limit = match raw.rate_limit {
         Some(rps) if !(rps.is_finite() && rps > 0.0) => {
             r.problem(
@@ -623,6 +662,9 @@ fn validate_source(
         timeout,
         max_retries,
         retry_delay,
+        retry_max_wait: defaults.retry_max_wait,
+        order: raw.order.unwrap_or_default(),
+        max_page_bytes,
     };
     (r.problems.len() == before).then_some(source)
 }

@@ -67,6 +67,7 @@ async fn main() -> Result<()> {
             cursor_after: Some(Cursor::Position {
                 updated_at: last.updated_at.expect("set"),
                 id: last.id.clone(),
+                since: None,
             }),
             records,
             fetched_at: now,

@@ -166,6 +166,23 @@ fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The fetch state as a fetcher sees it (both buckets provisioned), with lease TTL `ttl`.
+pub(crate) async fn fetch_state(t: &TestNats, ttl: Duration) -> Result<fetcher::state::FetchState> {
+    tardis_common::nats::Topology::new(t.names(), Default::default())
+        .provision(&t.jetstream(), &[], &[], true)
+        .await?;
+    let js = t.jetstream();
+    let store = js.get_key_value(t.names().fetch_state_bucket()).await?;
+    let leases = js
+        .create_or_update_key_value(fetcher::state::lease_bucket_config(
+            t.names().fetch_lease_bucket(),
+            ttl,
+            1,
+        ))
+        .await?;
+    Ok(fetcher::state::FetchState::new(store, leases, ttl))
+}
+
 // ---------------------------------------------------------------- pagination and auth
 
 #[tokio::test]
@@ -220,8 +237,10 @@ async fn page_pagination_with_bearer_auth() -> Result<()> {
         published.last().unwrap().cursor_after,
         Some(Cursor::Position {
             updated_at: at("2026-11-01T10:00:04Z"),
-            id: "5".into()
-        })
+            id: "5".into(),
+            since: Some("2026-11-01T10:00:04Z".into()),
+        }),
+        "the cursor keeps updated_at as the source wrote it"
     );
     let reports = runs(&t).await?;
     assert_eq!(reports.len(), 1);
@@ -620,16 +639,14 @@ async fn a_live_lease_makes_the_second_fetcher_skip() -> Result<()> {
         json!([{"name": "s", "url": format!("{}/s", server.uri()), "initial_lookback": "3650d"}]);
     let e = env(&t, sources, &[("FETCH_LEASE_TTL", "60s")]);
     // Provision and take the lease as "another fetcher" would.
-    tardis_common::nats::Topology::new(t.names(), Default::default())
-        .provision(&t.jetstream(), &[], &[], true)
-        .await?;
-    let store = t
-        .jetstream()
-        .get_key_value(t.names().fetch_state_bucket())
-        .await?;
-    let state = fetcher::state::FetchState::new(store, Duration::from_secs(60));
-    let fetcher::state::Acquired::Yes(held) =
-        state.acquire("lease.s", "other-host:1", "run-x").await?
+    let state = fetch_state(&t, Duration::from_secs(60)).await?;
+    let fetcher::state::Acquired::Yes(held) = state
+        .acquire(
+            &fetcher::state::lease_key("s", false),
+            "other-host:1",
+            "run-x",
+        )
+        .await?
     else {
         panic!("lease should be free");
     };
@@ -648,7 +665,7 @@ async fn a_live_lease_makes_the_second_fetcher_skip() -> Result<()> {
         report
             .error
             .unwrap()
-            .contains("another fetcher (other-host:1) holds the lease")
+            .contains("another fetcher (other-host:1, run run-x) holds the lease")
     );
     state.release(&held).await?;
     assert_eq!(run_in_process(&e, run_all()).await?, ExitCode::SUCCESS);

@@ -3,6 +3,7 @@
 mod binaries;
 mod config;
 mod enricher;
+mod fetch_edges;
 mod fetcher;
 mod nats;
 mod pipeline;

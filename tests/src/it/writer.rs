@@ -126,6 +126,7 @@ fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
         cursor_after: Some(Cursor::Position {
             updated_at: at(last.1),
             id: last.0.to_string(),
+            since: None,
         }),
         fetched_at: Utc::now(),
     }
@@ -382,9 +383,11 @@ async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
         pages: 1,
         chunks: 1,
         bytes: 100,
-        outcome: tardis_common::messages::RunOutcome::Succeeded,
-        error: None,
+        outcome: tardis_common::messages::RunOutcome::Incomplete,
+        error: Some("max_pages (1) reached".into()),
         cursor_after: None,
+        warnings: vec!["page full and no next page".into()],
+        out_of_order: 0,
     };
     publish_durably(
         &t.jetstream(),
@@ -428,6 +431,20 @@ async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
     assert_eq!(
         count(&db, "SELECT records FROM fetch_runs WHERE run_id = 'run-1'").await?,
         7
+    );
+    let run_row = db
+        .connect()
+        .await?
+        .query_one(
+            "SELECT outcome, error FROM fetch_runs WHERE run_id = 'run-1'",
+            &[],
+        )
+        .await?;
+    assert_eq!(run_row.get::<_, String>(0), "incomplete");
+    assert_eq!(
+        run_row.get::<_, String>(1),
+        "max_pages (1) reached; warning: page full and no next page",
+        "warnings are kept after the error"
     );
     stop(running).await
 }
