@@ -17,27 +17,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::value::RawValue;
-use tardis_common::config::{Pagination, SourceConfig};
-use tardis_common::messages::{
-    self, Cursor, DeadLetter, RecordChunk, RunOutcome, SCHEMA_VERSION, SourceRecord, Stage,
-};
-use tardis_common::nats::{Names, publish_durably};
+use chrono::{DateTime, Utc};
+use tardis_common::config::SourceConfig;
+use tardis_common::messages::{Cursor, RunOutcome, SourceRecord};
+use tardis_common::nats::Names;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::advance::{Advance, Observed};
-use crate::chunker;
 use crate::cursor;
 use crate::extract;
 use crate::http::{FetchError, Sleeper, SourceClient};
+use crate::lease::keep_lease;
 use crate::metrics::FetchMetrics;
 use crate::pagination::{End, PageInfo, Pager, Step};
+use crate::plan::incremental_params;
+use crate::plan::max_pages_note;
 pub use crate::report::RunReport;
-use crate::state::{
-    Acquired, CursorState, FetchState, HeldCursor, HeldLease, lease_key, retry_renewal,
-};
+use crate::state::{Acquired, CursorState, FetchState, HeldCursor, lease_key};
 
 /// How long a publish may keep failing (NATS restarting, stream full) before the run fails.
 pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(120);
@@ -81,13 +78,13 @@ enum Walked {
     MaxPages,
 }
 
-struct Progress {
-    records: u64,
+pub(crate) struct Progress {
+    pub(crate) records: u64,
     pages: u64,
-    chunks: u64,
+    pub(crate) chunks: u64,
     bytes: u64,
-    cursor: Option<Cursor>,
-    published_total: u64,
+    pub(crate) cursor: Option<Cursor>,
+    pub(crate) published_total: u64,
     /// The cursor as this run holds it (incremental runs).
     held: Option<HeldCursor>,
     warnings: Vec<String>,
@@ -99,51 +96,6 @@ fn new_run_id(now: DateTime<Utc>) -> String {
         now.format("%Y%m%dT%H%M%SZ"),
         rand::random::<u32>()
     )
-}
-
-/// Keeps the lease alive until `run_token` fires; on loss, sets `lost` and cancels the run.
-/// A renewal that fails for a reason other than loss (a NATS blip) is retried until the TTL
-/// since the last good renewal has nearly passed.
-async fn keep_lease(
-    state: FetchState,
-    mut held: HeldLease,
-    run_token: CancellationToken,
-    lost: Arc<AtomicBool>,
-) -> HeldLease {
-    let ttl = state.lease_ttl();
-    let every = ttl / 3;
-    let mut last_ok = tokio::time::Instant::now();
-    let mut wait = every;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = run_token.cancelled() => return held,
-        }
-        match state.renew(&mut held).await {
-            Ok(()) => {
-                last_ok = tokio::time::Instant::now();
-                wait = every;
-            }
-            Err(error) if error.is_lost() => {
-                warn!(%error, "lease lost, stopping the run");
-                lost.store(true, Ordering::SeqCst);
-                run_token.cancel();
-                return held;
-            }
-            Err(error) => match retry_renewal(ttl, last_ok.elapsed()) {
-                Some(retry) => {
-                    warn!(%error, retry_in_ms = retry.as_millis() as u64, "renewing the lease failed; retrying");
-                    wait = retry;
-                }
-                None => {
-                    warn!(%error, "the lease could not be renewed within its lifetime, stopping the run");
-                    lost.store(true, Ordering::SeqCst);
-                    run_token.cancel();
-                    return held;
-                }
-            },
-        }
-    }
 }
 
 impl Collector {
@@ -249,7 +201,11 @@ impl Collector {
     }
 
     /// Saves the cursor (incremental runs), if this run still holds it.
-    async fn save(&self, source: &SourceConfig, progress: &mut Progress) -> Result<(), FetchError> {
+    pub(crate) async fn save(
+        &self,
+        source: &SourceConfig,
+        progress: &mut Progress,
+    ) -> Result<(), FetchError> {
         let Some(held) = progress.held.as_mut() else {
             return Ok(());
         };
@@ -512,225 +468,5 @@ impl Collector {
             "no fetch state; starting from the written checkpoint in Postgres"
         );
         Some(cursor)
-    }
-
-    /// Cuts a page's records into chunks and publishes them, saving the cursor after each.
-    /// `final_cursor`, when given, is the cursor of the page's last chunk.
-    #[allow(clippy::too_many_arguments)]
-    async fn publish_page(
-        &self,
-        source: &SourceConfig,
-        chunk_size: u32,
-        mode: &Mode,
-        run_id: &str,
-        records: Vec<SourceRecord>,
-        page_token: Option<String>,
-        advance: &Advance,
-        final_cursor: Option<Option<Cursor>>,
-        progress: &mut Progress,
-        token: &CancellationToken,
-    ) -> Result<(), FetchError> {
-        let (groups, oversized) =
-            chunker::split(records, chunk_size.max(1) as usize, self.max_payload);
-        for record in oversized {
-            self.dead_letter_oversized(source, run_id, record, token)
-                .await?;
-        }
-        let mut queue: std::collections::VecDeque<Vec<SourceRecord>> = groups.into();
-        while let Some(group) = queue.pop_front() {
-            let cursor_after = match (mode, &final_cursor) {
-                (Mode::Backfill { .. }, _) => None,
-                (Mode::Incremental, Some(end)) if queue.is_empty() => end.clone(),
-                (Mode::Incremental, _) if source.updated_at_pointer.is_some() => {
-                    advance.after_chunk(progress.cursor.clone(), &group)
-                }
-                (Mode::Incremental, _) => page_token
-                    .clone()
-                    .map(|token| Cursor::Token { token })
-                    .or(progress.cursor.clone()),
-            };
-            let chunk = RecordChunk {
-                schema_version: SCHEMA_VERSION,
-                source: source.name.clone(),
-                chunk_id: messages::chunk_id(&source.name, &group),
-                run_id: run_id.to_string(),
-                chunk_seq: progress.chunks,
-                records: group,
-                cursor_after: cursor_after.clone(),
-                fetched_at: Utc::now(),
-            };
-            let bytes = messages::encode(&chunk).map_err(|e| internal(source, e))?;
-            if bytes.len() > self.max_payload && chunk.records.len() > 1 {
-                // The estimate was short: halve and try again.
-                let mut records = chunk.records;
-                let second = records.split_off(records.len() / 2);
-                queue.push_front(second);
-                queue.push_front(records);
-                continue;
-            }
-            let subject = self.names.records_subject(&source.name);
-            let ack = publish_durably(
-                &self.js,
-                &subject,
-                &chunk.msg_id(),
-                bytes.into(),
-                PUBLISH_PATIENCE,
-                token,
-            )
-            .await
-            .map_err(|e| publish_error(source, e))?;
-            let n = chunk.records.len() as u64;
-            progress.chunks += 1;
-            if ack.duplicate {
-                tracing::debug!(chunk_id = %chunk.chunk_id, "chunk already queued by an earlier run");
-            } else {
-                progress.records += n;
-                progress.published_total += n;
-                self.metrics
-                    .records
-                    .with_label_values(&[&source.name])
-                    .inc_by(n);
-            }
-            self.metrics.chunks.with_label_values(&[&source.name]).inc();
-            if matches!(mode, Mode::Incremental) {
-                progress.cursor = cursor_after;
-                self.save(source, progress).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn dead_letter_oversized(
-        &self,
-        source: &SourceConfig,
-        run_id: &str,
-        record: SourceRecord,
-        token: &CancellationToken,
-    ) -> Result<(), FetchError> {
-        let size = record.payload.get().len();
-        let head: String = record.payload.get().chars().take(4096).collect();
-        let stub = serde_json::json!({"truncated": true, "original_bytes": size, "head": head});
-        let payload = RawValue::from_string(stub.to_string()).map_err(|e| internal(source, e))?;
-        let record = SourceRecord {
-            id: record.id,
-            updated_at: record.updated_at,
-            payload,
-        };
-        let letter = DeadLetter {
-            schema_version: SCHEMA_VERSION,
-            source: source.name.clone(),
-            stage: Stage::Fetch,
-            chunk_id: messages::chunk_id(&source.name, std::slice::from_ref(&record)),
-            run_id: run_id.to_string(),
-            record,
-            reason: format!(
-                "record is {size} bytes, more than the NATS max payload of {} bytes",
-                self.max_payload
-            ),
-            attempts: 1,
-            last_error: None,
-            failed_at: Utc::now(),
-        };
-        warn!(record_id = %letter.record.id, size, "record too large for NATS, dead-lettered");
-        let bytes = messages::encode(&letter).map_err(|e| internal(source, e))?;
-        let subject = self.names.dlq_subject(Stage::Fetch, &source.name);
-        publish_durably(
-            &self.js,
-            &subject,
-            &letter.msg_id(),
-            bytes.into(),
-            PUBLISH_PATIENCE,
-            token,
-        )
-        .await
-        .map_err(|e| publish_error(source, e))?;
-        self.metrics
-            .oversized
-            .with_label_values(&[&source.name])
-            .inc();
-        Ok(())
-    }
-}
-
-/// The incremental query parameters and the starting token of a run.
-pub fn incremental_params(
-    source: &SourceConfig,
-    mode: &Mode,
-    cursor: Option<&Cursor>,
-    now: DateTime<Utc>,
-) -> (Vec<(String, String)>, Option<String>) {
-    let mut params = Vec::new();
-    let fmt = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-    let mut token = None;
-    let mut since_text = None;
-    let since = match (mode, cursor) {
-        (Mode::Backfill { since, .. }, _) => Some(*since),
-        (
-            Mode::Incremental,
-            Some(Cursor::Position {
-                updated_at,
-                id,
-                since,
-            }),
-        ) => {
-            if let Some(p) = &source.after_id_param {
-                params.push((p.clone(), id.clone()));
-            }
-            // Exactly as the source wrote it: a source comparing strings skips nothing.
-            since_text = since.clone();
-            Some(*updated_at)
-        }
-        (Mode::Incremental, Some(Cursor::Token { token: t })) => {
-            if matches!(source.pagination, Pagination::Cursor { .. }) {
-                token = Some(t.clone());
-            }
-            None
-        }
-        (Mode::Incremental, None) => chrono::Duration::from_std(source.initial_lookback)
-            .ok()
-            .map(|d| now - d),
-    };
-    if let (Some(p), Some(since)) = (&source.since_param, since) {
-        params.insert(0, (p.clone(), since_text.unwrap_or_else(|| fmt(&since))));
-    }
-    (params, token)
-}
-
-/// Why a run stopped at `max_pages`, and what the next run does.
-fn max_pages_note(source: &SourceConfig, mode: &Mode, unsorted: bool) -> String {
-    let n = source.max_pages;
-    match mode {
-        Mode::Backfill { .. } => format!(
-            "max_pages ({n}) reached before the last page; the window is not complete: run the backfill again from where it stopped, or raise max_pages"
-        ),
-        Mode::Incremental if unsorted || source.order == tardis_common::config::Order::Unsorted => {
-            format!(
-                "max_pages ({n}) reached before the last page of an unsorted source: the cursor stays where this run started and the next run reads from there again; raise max_pages so one run can read every page"
-            )
-        }
-        Mode::Incremental => format!(
-            "max_pages ({n}) reached before the last page; the next run continues from the cursor"
-        ),
-    }
-}
-
-fn internal(source: &SourceConfig, e: impl std::fmt::Display) -> FetchError {
-    FetchError::Transport {
-        source_name: source.name.clone(),
-        url: "internal".into(),
-        error: e.to_string(),
-    }
-}
-
-fn publish_error(source: &SourceConfig, e: tardis_common::nats::PublishError) -> FetchError {
-    match e {
-        tardis_common::nats::PublishError::Cancelled { .. } => FetchError::Cancelled {
-            source_name: source.name.clone(),
-        },
-        other => FetchError::Transport {
-            source_name: source.name.clone(),
-            url: "NATS".into(),
-            error: other.to_string(),
-        },
     }
 }

@@ -116,19 +116,6 @@ pub fn lease_bucket_config(bucket: String, ttl: Duration, replicas: usize) -> kv
     }
 }
 
-/// What to do after a failed lease renewal, `since_ok` after the last good one: retry after
-/// the returned wait, or `None` when the lease has surely expired on the server by now.
-pub fn retry_renewal(ttl: Duration, since_ok: Duration) -> Option<Duration> {
-    // The server counts the TTL from when it stored our last renewal, which is before we saw
-    // its answer: give up a little early rather than write on an expired lease.
-    let deadline = ttl.mul_f64(0.9);
-    if since_ok >= deadline {
-        return None;
-    }
-    let step = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    Some(step.min(deadline - since_ok))
-}
-
 fn write_error(key: &str, e: impl std::fmt::Display) -> StateError {
     StateError::Write {
         key: key.to_string(),
@@ -328,30 +315,4 @@ fn decode_cursor(key: &str, value: &[u8]) -> Result<CursorState, StateError> {
         key: key.to_string(),
         error: e.to_string(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renewals_are_retried_until_the_lease_has_surely_expired() {
-        let ttl = Duration::from_secs(60);
-        assert_eq!(
-            retry_renewal(ttl, Duration::from_secs(20)),
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(
-            retry_renewal(ttl, Duration::from_secs(52)),
-            Some(Duration::from_secs(2)),
-            "never past the deadline"
-        );
-        assert_eq!(retry_renewal(ttl, Duration::from_secs(54)), None);
-        assert_eq!(retry_renewal(ttl, Duration::from_secs(600)), None);
-        let short = Duration::from_secs(3);
-        assert_eq!(
-            retry_renewal(short, Duration::from_secs(1)),
-            Some(Duration::from_millis(300))
-        );
-    }
 }
