@@ -18,6 +18,7 @@ pub mod app;
 pub mod backoff;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod messages;
 pub mod metrics;
 pub mod nats;

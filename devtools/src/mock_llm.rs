@@ -10,7 +10,8 @@
 //!   `Retry-After` and `x-ratelimit-*` headers;
 //! * fractions of requests answered with a 500, invalid JSON, a truncated answer
 //!   (`finish_reason: "length"`), one id dropped, one id invented;
-//! * `poison`: records whose JSON contains this text always get an invalid result;
+//! * `poison`: records whose JSON contains this text always get an invalid result (only for
+//!   their first `poison_calls` calls, when that is set);
 //! * `api_key`: when set, `Authorization: Bearer <key>` is required (401 otherwise).
 //!
 //! `GET /admin/stats` reports requests, 429s, 500s and how many times each record id was sent.
@@ -46,6 +47,8 @@ pub struct MockConfig {
     pub invent_id_rate: f64,
     /// Records containing this text always get an invalid result.
     pub poison: Option<String>,
+    /// When set, `poison` holds only for a record's first this many calls (then it is cured).
+    pub poison_calls: Option<u64>,
     /// When set, `Authorization: Bearer <api_key>` is required.
     pub api_key: Option<String>,
 }
@@ -413,10 +416,24 @@ async fn completions(
         .map(|r| {
             let id = r.get("id").cloned().unwrap_or(Value::Null);
             let record = r.get("record").cloned().unwrap_or(Value::Null);
+            let calls = {
+                let key = id
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| id.to_string());
+                mock.counters
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .calls_per_id
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0)
+            };
             let poisoned = config
                 .poison
                 .as_deref()
-                .is_some_and(|p| record.to_string().contains(p));
+                .is_some_and(|p| record.to_string().contains(p))
+                && config.poison_calls.is_none_or(|n| calls <= n);
             let mut e = if poisoned {
                 json!({"sentiment": "ecstatic", "category": 7})
             } else {

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tardis_common::app::Ops;
+use tardis_common::faults::Faults;
 use tardis_common::nats::{ConsumerKind, ConsumerSpec, StreamKind, Topology};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -48,6 +49,15 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
 
 /// Runs the enricher until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    run_with(config, shutdown, Arc::new(Faults::none())).await
+}
+
+/// [`run`] with faults injected (tests).
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    faults: Arc<Faults>,
+) -> anyhow::Result<ExitCode> {
     let ops = Ops::start(COMPONENT, &config.common.ops).await?;
     let metrics = metrics::EnrichMetrics::register(&ops.registry).context("registering metrics")?;
     let nats_ready = ops.readiness.flag("nats");
@@ -140,6 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_in_flight: config.enrich.max_in_flight as usize,
         ack_wait: spec.ack_wait,
         consumer_name: config.common.names.consumer(ConsumerKind::Enricher),
+        faults,
     };
     pipeline.run(shutdown).await?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {

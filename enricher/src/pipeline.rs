@@ -37,6 +37,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::enrich::{BatchProcessor, Item, ItemKey, Outcome};
 use crate::metrics::EnrichMetrics;
 use crate::protocol::estimate_tokens;
+use tardis_common::faults::Faults;
 
 /// How long in-flight chunks may finish after SIGTERM before they are handed back.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -69,6 +70,8 @@ pub struct Pipeline {
     pub max_in_flight: usize,
     pub ack_wait: Duration,
     pub consumer_name: String,
+    /// Faults injected by tests ([`Faults::none`] in production).
+    pub faults: Arc<Faults>,
 }
 
 fn lock(chunks: &Chunks) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
@@ -262,7 +265,10 @@ impl Pipeline {
         let source = &letter.source;
         warn!(%source, seq, %reason, "undecodable message dead-lettered");
         let ok = self.publish_letter(&letter).await;
-        let result = if ok {
+        let result = if ok && self.faults.fail("enricher.ack") {
+            // The ack is lost: the chunk comes back after the ack wait.
+            Ok(())
+        } else if ok {
             msg.double_ack().await
         } else {
             msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -275,6 +281,9 @@ impl Pipeline {
 
     /// Publishes and waits for JetStream's ack; false (logged) if it keeps failing.
     async fn publish(&self, subject: &str, msg_id: &str, bytes: Vec<u8>, what: &str) -> bool {
+        if self.faults.fail("enricher.publish.before") {
+            return false;
+        }
         match publish_durably(
             &self.js,
             subject,
@@ -285,7 +294,7 @@ impl Pipeline {
         )
         .await
         {
-            Ok(_) => true,
+            Ok(_) => !self.faults.fail("enricher.publish.reply"),
             Err(error) => {
                 warn!(%error, "publishing {what} failed");
                 false
@@ -485,7 +494,10 @@ impl Pipeline {
                     .inc();
             }
         }
-        let result = if ok {
+        let result = if ok && self.faults.fail("enricher.ack") {
+            // The ack is lost: the chunk comes back after the ack wait.
+            Ok(())
+        } else if ok {
             msg.double_ack().await
         } else {
             msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
+use tardis_common::faults::Faults;
 use tardis_common::messages::{
     self, DeadLetter, EnrichedChunk, FetchRun, SCHEMA_VERSION, SourceRecord, Stage,
 };
@@ -78,6 +79,8 @@ pub struct Loop {
     pub max_deliver: i64,
     pub pg_ready: ReadyFlag,
     pub crash_after_commit: bool,
+    /// Faults injected by tests ([`Faults::none`] in production).
+    pub faults: std::sync::Arc<Faults>,
 }
 
 impl Loop {
@@ -329,6 +332,9 @@ impl Loop {
 
     async fn ack_all(&self, batch: &[(jetstream::Message, Decoded)]) {
         for (msg, _) in batch {
+            if self.faults.fail("writer.ack") {
+                continue;
+            }
             // A lost ack only means a redelivery, which the upserts absorb.
             if let Err(e) = msg.ack().await {
                 warn!(error = %e, "ack failed; the message will be redelivered and written again harmlessly");

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tardis_common::app::Ops;
+use tardis_common::faults::Faults;
 use tardis_common::nats::{ConsumerKind, ConsumerSpec, StreamKind, Topology};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -73,11 +74,24 @@ async fn connect_with_retry(
 
 /// Runs the writer (or its migrations) until done or `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let span = tracing::info_span!("writer", ordinal = config.ordinal);
-    run_inner(config, shutdown).instrument(span).await
+    run_with(config, shutdown, std::sync::Arc::new(Faults::none())).await
 }
 
-async fn run_inner(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+/// [`run`] with faults injected (tests).
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    faults: std::sync::Arc<Faults>,
+) -> anyhow::Result<ExitCode> {
+    let span = tracing::info_span!("writer", ordinal = config.ordinal);
+    run_inner(config, shutdown, faults).instrument(span).await
+}
+
+async fn run_inner(
+    config: Config,
+    shutdown: CancellationToken,
+    faults: std::sync::Arc<Faults>,
+) -> anyhow::Result<ExitCode> {
     let pool = config
         .postgres
         .pool()
@@ -172,6 +186,7 @@ async fn run_inner(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             max_deliver: config.max_deliver,
             pg_ready: pg_ready.clone(),
             crash_after_commit: config.crash_after_commit,
+            faults: faults.clone(),
         };
         loops.spawn(l.run(shutdown.clone()).in_current_span());
     }

@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         drop_id_rate: a.drop_id_rate,
         invent_id_rate: a.invent_id_rate,
         poison: a.poison,
+        poison_calls: None,
         api_key: a.api_key,
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await?;

@@ -2,6 +2,7 @@
 
 mod binaries;
 mod config;
+mod delivery;
 mod enricher;
 mod fetch_edges;
 mod fetcher;

@@ -1,0 +1,209 @@
+//! Delivery under injected faults: every publish and ack step of the enricher and the writer
+//! fails at least once, on real nats-server and Postgres, with records that die in one round
+//! and would be valid in the next. Every record must end in exactly one of `records` and
+//! `dead_letters`, and nothing may be left in a stream.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use devtools::mock_llm::{MockConfig, Running as MockLlm};
+use serde_json::json;
+use tardis_common::faults::Faults;
+use tardis_common::messages::{self, RecordChunk, SCHEMA_VERSION, SourceRecord};
+use tardis_common::nats::{StreamKind, Topology, publish_durably};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{TestDb, TestNats, wait_for};
+
+const SOURCE: &str = "user_events";
+const RECORDS: u64 = 12;
+
+/// 3 chunks of 4 records; ids 2, 6 and 10 carry the mock's poison.
+async fn publish(t: &TestNats) -> Result<()> {
+    Topology::new(t.names(), Default::default())
+        .provision(&t.jetstream(), &[StreamKind::Records], &[], false)
+        .await?;
+    let ids: Vec<u64> = (1..=RECORDS).collect();
+    for (seq, group) in ids.chunks(4).enumerate() {
+        let records = group
+            .iter()
+            .map(|i| {
+                let text = if i % 4 == 2 {
+                    "POISON please break".to_string()
+                } else {
+                    format!("I love feature {i}")
+                };
+                Ok(SourceRecord {
+                    id: i.to_string(),
+                    updated_at: Some(chrono::Utc::now()),
+                    payload: serde_json::value::RawValue::from_string(
+                        json!({"id": i, "message": text}).to_string(),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        let chunk = RecordChunk {
+            schema_version: SCHEMA_VERSION,
+            source: SOURCE.into(),
+            chunk_id: messages::chunk_id(SOURCE, &records),
+            run_id: "run-1".into(),
+            chunk_seq: seq as u64,
+            records,
+            cursor_after: None,
+            fetched_at: chrono::Utc::now(),
+        };
+        publish_durably(
+            &t.jetstream(),
+            &t.names().records_subject(SOURCE),
+            &chunk.msg_id(),
+            messages::encode(&chunk)?.into(),
+            Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn enricher_env(t: &TestNats, endpoint: &str) -> BTreeMap<String, String> {
+    [
+        ("NATS_URL", t.url.as_str()),
+        ("TARDIS_PREFIX", t.prefix.as_str()),
+        ("OPS_ADDR", "127.0.0.1:0"),
+        ("PROCESSOR_ENDPOINT", endpoint),
+        ("LLM_BATCH_SIZE", "4"),
+        ("LLM_MAX_ATTEMPTS", "1"),
+        ("LLM_RETRY_DELAY", "50ms"),
+        ("LLM_TIMEOUT", "2s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+async fn stream_len(t: &TestNats, kind: StreamKind) -> Result<u64> {
+    match t.jetstream().get_stream(t.names().stream(kind)).await {
+        Ok(mut s) => Ok(s.info().await?.state.messages),
+        Err(_) => Ok(0),
+    }
+}
+
+/// Runs the enricher and the writer with `enricher_faults` and `writer_faults` until every
+/// record is in a table and every stream is empty; returns, per id, (in records, in
+/// dead_letters).
+async fn run_with_faults(
+    enricher_faults: Faults,
+    writer_faults: Faults,
+) -> Result<BTreeMap<u64, (i64, i64)>> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig {
+        poison: Some("POISON".into()),
+        // Dead in the first round, valid in the next: the hole between two rounds.
+        poison_calls: Some(1),
+        ..MockConfig::default()
+    })
+    .await?;
+    publish(&t).await?;
+    let wenv = super::writer::env(&t, &db.url);
+    super::writer::migrate(&wenv).await?;
+    let stop = CancellationToken::new();
+    let enricher = tokio::spawn(enricher::run_with(
+        enricher::Config::from_env(&enricher_env(&t, &llm.endpoint()))?,
+        stop.clone(),
+        Arc::new(enricher_faults),
+    ));
+    let writer = tokio::spawn(writer::run_with(
+        writer::Config::from_env(&wenv)?,
+        stop.clone(),
+        Arc::new(writer_faults),
+    ));
+    let client = db.connect().await?;
+    let placed = wait_for(
+        "every record in a table and every stream drained",
+        Duration::from_secs(90),
+        || async {
+            let mut placed = BTreeMap::new();
+            for id in 1..=RECORDS {
+                let id_text = id.to_string();
+                let r: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM records WHERE source = $1 AND record_id = $2",
+                        &[&SOURCE, &id_text],
+                    )
+                    .await?
+                    .get(0);
+                let d: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM dead_letters WHERE source = $1 AND record_id = $2",
+                        &[&SOURCE, &id_text],
+                    )
+                    .await?
+                    .get(0);
+                placed.insert(id, (r, d));
+            }
+            let everywhere = placed.values().all(|(r, d)| r + d >= 1);
+            let mut drained = true;
+            for kind in [
+                StreamKind::Records,
+                StreamKind::Enriched,
+                StreamKind::DeadLetters,
+            ] {
+                drained &= stream_len(&t, kind).await? == 0;
+            }
+            anyhow::ensure!(everywhere, "not yet in a table: {placed:?}");
+            anyhow::ensure!(drained, "streams not drained yet");
+            Ok(Some(placed))
+        },
+    )
+    .await?;
+    stop.cancel();
+    enricher.await??;
+    writer.await??;
+    Ok(placed)
+}
+
+fn assert_exactly_once(placed: &BTreeMap<u64, (i64, i64)>) {
+    for (id, (r, d)) in placed {
+        assert_eq!(
+            r + d,
+            1,
+            "record {id}: {r} in records, {d} in dead_letters (all: {placed:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_publish_that_fails_never_leaves_a_record_nowhere() -> Result<()> {
+    let placed = run_with_faults(
+        Faults::none().at("enricher.publish.before", &[2, 3, 4, 5]),
+        Faults::none(),
+    )
+    .await?;
+    assert_exactly_once(&placed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_publish_whose_reply_is_lost_never_doubles_a_record() -> Result<()> {
+    let placed = run_with_faults(
+        Faults::none().at("enricher.publish.reply", &[1, 2, 3, 4]),
+        Faults::none(),
+    )
+    .await?;
+    assert_exactly_once(&placed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lost_acks_of_the_enricher_and_the_writer_change_nothing() -> Result<()> {
+    let placed = run_with_faults(
+        Faults::none().at("enricher.ack", &[1, 2]),
+        Faults::none().at("writer.ack", &[1, 2, 3]),
+    )
+    .await?;
+    assert_exactly_once(&placed);
+    Ok(())
+}
