@@ -19,8 +19,16 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub trait Envelope: Serialize + DeserializeOwned {
     /// What the message is, for errors (`"record chunk"`).
     const KIND: &'static str;
+    /// The version this build writes.
+    const VERSION: u32 = SCHEMA_VERSION;
+    /// The oldest version this build still reads.
+    const OLDEST: u32 = SCHEMA_VERSION;
     fn schema_version(&self) -> u32;
 }
+
+/// The version of [`EnrichedChunk`] this build writes: 2 added [`EnrichedChunk::dead`]. The
+/// writer reads 1 and 2; upgrade writers before enrichers.
+pub const ENRICHED_CHUNK_VERSION: u32 = 2;
 
 /// Why a message could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +64,12 @@ pub fn decode<T: Envelope>(bytes: &[u8]) -> Result<T, DecodeError> {
     match probe.schema_version {
         None => return Err(DecodeError::MissingVersion { kind: T::KIND }),
         Some(v) => match v.as_u64() {
-            Some(n) if n == u64::from(SCHEMA_VERSION) => {}
+            Some(n) if (u64::from(T::OLDEST)..=u64::from(T::VERSION)).contains(&n) => {}
             Some(n) => {
                 return Err(DecodeError::UnsupportedVersion {
                     kind: T::KIND,
                     found: n,
-                    supported: SCHEMA_VERSION,
+                    supported: T::VERSION,
                 });
             }
             None => return Err(DecodeError::MissingVersion { kind: T::KIND }),
@@ -208,7 +216,11 @@ impl PartialEq for EnrichedRecord {
     }
 }
 
-/// A chunk of enriched records (`tardis.enriched.<source>`).
+/// The outcome of one record chunk (`tardis.enriched.<source>`): every record of the chunk is
+/// either in `records` (enriched) or in `dead` (given up on), in this one message. It is the
+/// unit of atomicity of the enricher's output: published once per record chunk under one
+/// `Nats-Msg-Id`, so whichever round of enrichment publishes first decides every record of
+/// the chunk, and the writer stores both parts in one transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrichedChunk {
     pub schema_version: u32,
@@ -218,21 +230,63 @@ pub struct EnrichedChunk {
     pub run_id: String,
     pub chunk_seq: u64,
     pub records: Vec<EnrichedRecord>,
+    /// The chunk's records that could not be enriched (version 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dead: Vec<DeadRecord>,
     pub cursor_after: Option<Cursor>,
     pub fetched_at: DateTime<Utc>,
+    /// Which part of the record chunk this is, when its outcome did not fit in one message:
+    /// `(k, n)` for part k of n (1-based; the parts hold consecutive records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<(u32, u32)>,
+}
+
+/// A record of an [`EnrichedChunk`] that was given up on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadRecord {
+    pub record: SourceRecord,
+    /// Why, for humans.
+    pub reason: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub failed_at: DateTime<Utc>,
 }
 
 impl Envelope for EnrichedChunk {
     const KIND: &'static str = "enriched chunk";
+    const VERSION: u32 = ENRICHED_CHUNK_VERSION;
+    const OLDEST: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
     }
 }
 
 impl EnrichedChunk {
-    /// The `Nats-Msg-Id` of the enriched form of one record chunk.
+    /// The `Nats-Msg-Id` of the outcome of one record chunk (or of one part of it).
     pub fn msg_id(&self) -> String {
-        format!("enr:{}:{}", self.source, self.chunk_id)
+        match self.part {
+            None => format!("enr:{}:{}", self.source, self.chunk_id),
+            Some((k, n)) => format!("enr:{}:{}:{k}/{n}", self.source, self.chunk_id),
+        }
+    }
+
+    /// The dead records as dead letters of stage `enrich`.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead
+            .iter()
+            .map(|d| DeadLetter {
+                schema_version: SCHEMA_VERSION,
+                source: self.source.clone(),
+                stage: Stage::Enrich,
+                chunk_id: self.chunk_id.clone(),
+                run_id: self.run_id.clone(),
+                record: d.record.clone(),
+                reason: d.reason.clone(),
+                attempts: d.attempts,
+                last_error: d.last_error.clone(),
+                failed_at: d.failed_at,
+            })
+            .collect()
     }
 }
 
@@ -440,7 +494,7 @@ mod tests {
         let c = chunk();
         round_trip(&c);
         let enriched = EnrichedChunk {
-            schema_version: SCHEMA_VERSION,
+            schema_version: ENRICHED_CHUNK_VERSION,
             source: c.source.clone(),
             chunk_id: c.chunk_id.clone(),
             run_id: c.run_id.clone(),
@@ -459,10 +513,18 @@ mod tests {
                 },
                 enriched_at: ts("2026-11-01T10:06:00Z"),
             }],
+            dead: vec![DeadRecord {
+                record: record("2"),
+                reason: "no valid enrichment after 3 attempts".into(),
+                attempts: 3,
+                last_error: Some("sentiment: not one of the allowed values".into()),
+                failed_at: ts("2026-11-01T10:06:00Z"),
+            }],
             cursor_after: Some(Cursor::Token {
                 token: "abc".into(),
             }),
             fetched_at: c.fetched_at,
+            part: None,
         };
         round_trip(&enriched);
         let dead = DeadLetter {
@@ -528,6 +590,24 @@ mod tests {
             err.to_string(),
             "record chunk has schema_version 2, this build reads only version 1; upgrade the consumer or replay with a matching build"
         );
+    }
+
+    #[test]
+    fn enriched_chunks_of_version_1_and_2_are_read_and_3_is_refused() {
+        let v1 = r#"{"schema_version":1,"source":"s","chunk_id":"c","run_id":"r","chunk_seq":0,"records":[],"cursor_after":null,"fetched_at":"2026-11-01T10:00:00Z"}"#;
+        let c: EnrichedChunk = decode(v1.as_bytes()).unwrap();
+        assert!(c.dead.is_empty() && c.part.is_none());
+        assert_eq!(c.msg_id(), "enr:s:c");
+        let v3 = v1.replace("\"schema_version\":1", "\"schema_version\":3");
+        let e = decode::<EnrichedChunk>(v3.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reads only version 2"), "{e}");
+        let part = EnrichedChunk {
+            part: Some((2, 4)),
+            ..c
+        };
+        assert_eq!(part.msg_id(), "enr:s:c:2/4");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! mock-llm: an OpenAI-compatible `POST /v1/chat/completions` that follows Tardis's wire
-//! protocol (DESIGN §6): the user message is `{"records": [{"id", "record"}, ...]}`, the
+//! protocol (see `enricher::protocol`): the user message is `{"records": [{"id", "record"}, ...]}`, the
 //! answer's content is `{"results": [{"id", "sentiment", "category", "summary"}, ...]}`.
 //!
 //! Enrichment is deterministic, from the record's text: sentiment from keywords, category from

@@ -1,5 +1,5 @@
 //! The consuming side: pull record chunks, batch their records across chunks, enrich, publish
-//! the enriched chunk and dead letters, then — only then — ack.
+//! each chunk's outcome, then — only then — ack.
 //!
 //! ```text
 //! puller ──items──► batcher ──batches──► BatchProcessor (limits, retries)
@@ -7,8 +7,15 @@
 //!   └── permits (ENRICH_MAX_IN_FLIGHT chunks) ◄─ tracker ──► finalize: publish, then ack
 //! ```
 //!
-//! * A chunk is acked only after JetStream acknowledged its enriched chunk and every dead
-//!   letter; if a publish fails, the chunk is nak'd and comes back.
+//! **Delivery contract.**
+//! * Unit of atomicity: the record chunk. Its outcome — every record enriched or dead — is one
+//!   `EnrichedChunk` message with `Nats-Msg-Id` `enr:<source>:<chunk_id>` (parts `k/n` only
+//!   when it exceeds the NATS max payload, see [`outcome_messages`]). The first round to
+//!   publish it decides every record; any later round's publish is a duplicate JetStream
+//!   drops, so a record can never be decided twice or not at all.
+//! * Acked when: after JetStream acknowledged the outcome. A failed publish naks the chunk; a
+//!   lost ack redelivers it after the ack wait, and its republished outcome is dropped.
+//! * Idempotent: the outcome's id; the writer's upserts.
 //! * While a chunk is in flight its message gets `+WPI` every third of the ack wait, so a slow
 //!   LLM never causes a redelivery; a crashed replica stops sending them, and JetStream hands
 //!   the chunk to another one after the ack wait.
@@ -26,7 +33,8 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use tardis_common::messages::{
-    self, DeadLetter, EnrichedChunk, EnrichedRecord, RecordChunk, SCHEMA_VERSION, Stage,
+    self, DeadLetter, DeadRecord, ENRICHED_CHUNK_VERSION, EnrichedChunk, EnrichedRecord,
+    RecordChunk, Stage,
 };
 use tardis_common::nats::{Names, publish_durably};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -397,103 +405,38 @@ impl Pipeline {
             ..
         } = tracked;
         let model = self.processor.settings.model.clone();
-        let now = Utc::now();
-        let mut enriched = Vec::new();
-        let mut letters = Vec::new();
-        for (record, outcome) in chunk.records.iter().zip(outcomes) {
-            match outcome {
-                Some(Outcome::Enriched { enrichment, usage }) => enriched.push(EnrichedRecord {
-                    id: record.id.clone(),
-                    updated_at: record.updated_at,
-                    payload: record.payload.clone(),
-                    enrichment,
-                    model: model.clone(),
-                    prompt_version: self.prompt_version.clone(),
-                    usage,
-                    enriched_at: now,
-                }),
-                Some(Outcome::Dead {
-                    reason,
-                    attempts,
-                    last_error,
-                }) => letters.push(DeadLetter {
-                    schema_version: SCHEMA_VERSION,
-                    source: chunk.source.clone(),
-                    stage: Stage::Enrich,
-                    chunk_id: chunk.chunk_id.clone(),
-                    run_id: chunk.run_id.clone(),
-                    record: record.clone(),
-                    reason,
-                    attempts,
-                    last_error,
-                    failed_at: now,
-                }),
-                None => {}
-            }
-        }
+        let decisions = decide(&chunk, outcomes, &model, &self.prompt_version, Utc::now());
         let source = chunk.source.clone();
-        let mut ok = true;
-        if !enriched.is_empty() {
-            let out = EnrichedChunk {
-                schema_version: SCHEMA_VERSION,
-                source: source.clone(),
-                chunk_id: chunk.chunk_id.clone(),
-                run_id: chunk.run_id.clone(),
-                chunk_seq: chunk.chunk_seq,
-                records: enriched,
-                cursor_after: chunk.cursor_after.clone(),
-                fetched_at: chunk.fetched_at,
-            };
-            ok = match messages::encode(&out) {
-                Ok(bytes) => {
-                    let subject = self.names.enriched_subject(&source);
-                    self.publish(&subject, &out.msg_id(), bytes, "the enriched chunk")
-                        .await
+        let max_payload = self.client.server_info().max_payload;
+        let ok = match outcome_messages(&chunk, &decisions, max_payload) {
+            Ok(parts) => {
+                let mut ok = true;
+                for part in &parts {
+                    ok = match messages::encode(part) {
+                        Ok(bytes) => {
+                            let subject = self.names.enriched_subject(&source);
+                            self.publish(&subject, &part.msg_id(), bytes, "the chunk's outcome")
+                                .await
+                        }
+                        Err(error) => {
+                            warn!(%error, "encoding the chunk's outcome failed");
+                            false
+                        }
+                    };
+                    if !ok {
+                        break;
+                    }
                 }
-                Err(error) => {
-                    warn!(%error, "encoding the enriched chunk failed");
-                    false
+                if ok {
+                    self.count_outcome(&parts, &model);
                 }
-            };
-            if ok {
-                let n = out.records.len() as u64;
-                self.metrics
-                    .records
-                    .with_label_values(&[&source, &model, "enriched"])
-                    .inc_by(n);
-                let (p, c, cost) = out.records.iter().fold((0, 0, 0.0), |(p, c, cost), r| {
-                    (
-                        p + r.usage.prompt_tokens,
-                        c + r.usage.completion_tokens,
-                        cost + r.usage.cost_usd,
-                    )
-                });
-                self.metrics
-                    .tokens
-                    .with_label_values(&[&source, &model, "prompt"])
-                    .inc_by(p);
-                self.metrics
-                    .tokens
-                    .with_label_values(&[&source, &model, "completion"])
-                    .inc_by(c);
-                self.metrics
-                    .cost
-                    .with_label_values(&[&source, &model])
-                    .inc_by(cost);
+                ok
             }
-        }
-        if ok {
-            for letter in &letters {
-                if !self.publish_letter(letter).await {
-                    ok = false;
-                    break;
-                }
-                self.metrics
-                    .records
-                    .with_label_values(&[&source, &model, "dead_lettered"])
-                    .inc();
+            Err(error) => {
+                warn!(%error, "the chunk's outcome cannot be published");
+                false
             }
-        }
+        };
         let result = if ok && self.faults.fail("enricher.ack") {
             // The ack is lost: the chunk comes back after the ack wait.
             Ok(())
@@ -509,9 +452,43 @@ impl Pipeline {
             .with_label_values(&[&source, outcome])
             .inc();
         match result {
-            Ok(()) => debug!(outcome, dead_letters = letters.len(), "chunk finished"),
-            // The chunk comes back after the ack wait; its outputs are duplicates JetStream drops.
+            Ok(()) => debug!(outcome, "chunk finished"),
+            // The chunk comes back after the ack wait; its outcome is a duplicate JetStream drops.
             Err(error) => warn!(%error, "acknowledging the chunk failed; it will be redelivered"),
+        }
+    }
+
+    /// Records, tokens and cost of published outcomes.
+    fn count_outcome(&self, parts: &[EnrichedChunk], model: &str) {
+        for part in parts {
+            let source = part.source.as_str();
+            self.metrics
+                .records
+                .with_label_values(&[source, model, "enriched"])
+                .inc_by(part.records.len() as u64);
+            self.metrics
+                .records
+                .with_label_values(&[source, model, "dead_lettered"])
+                .inc_by(part.dead.len() as u64);
+            let (p, c, cost) = part.records.iter().fold((0, 0, 0.0), |(p, c, cost), r| {
+                (
+                    p + r.usage.prompt_tokens,
+                    c + r.usage.completion_tokens,
+                    cost + r.usage.cost_usd,
+                )
+            });
+            self.metrics
+                .tokens
+                .with_label_values(&[source, model, "prompt"])
+                .inc_by(p);
+            self.metrics
+                .tokens
+                .with_label_values(&[source, model, "completion"])
+                .inc_by(c);
+            self.metrics
+                .cost
+                .with_label_values(&[source, model])
+                .inc_by(cost);
         }
     }
 
@@ -574,6 +551,318 @@ impl Pipeline {
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
                 () = stop.cancelled() => return,
             }
+        }
+    }
+}
+
+/// What became of one record of a chunk.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Enriched(EnrichedRecord),
+    Dead(DeadRecord),
+}
+
+/// Each record of `chunk` (in chunk order) enriched or dead.
+pub fn decide(
+    chunk: &RecordChunk,
+    outcomes: Vec<Option<Outcome>>,
+    model: &str,
+    prompt_version: &str,
+    now: chrono::DateTime<Utc>,
+) -> Vec<Decision> {
+    chunk
+        .records
+        .iter()
+        .zip(outcomes)
+        .map(|(record, outcome)| match outcome {
+            Some(Outcome::Enriched { enrichment, usage }) => Decision::Enriched(EnrichedRecord {
+                id: record.id.clone(),
+                updated_at: record.updated_at,
+                payload: record.payload.clone(),
+                enrichment,
+                model: model.to_string(),
+                prompt_version: prompt_version.to_string(),
+                usage,
+                enriched_at: now,
+            }),
+            Some(Outcome::Dead {
+                reason,
+                attempts,
+                last_error,
+            }) => Decision::Dead(DeadRecord {
+                record: record.clone(),
+                reason,
+                attempts,
+                last_error,
+                failed_at: now,
+            }),
+            // Only complete chunks are finalized, so this is a bug: say so rather than drop it.
+            None => Decision::Dead(DeadRecord {
+                record: record.clone(),
+                reason: "internal error: no outcome was recorded for this record".into(),
+                attempts: 0,
+                last_error: None,
+                failed_at: now,
+            }),
+        })
+        .collect()
+}
+
+/// The message holding `decisions` (records `k`-th of `n` parts of `chunk`).
+fn assemble(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    part: Option<(u32, u32)>,
+) -> EnrichedChunk {
+    let mut records = Vec::new();
+    let mut dead = Vec::new();
+    for d in decisions {
+        match d {
+            Decision::Enriched(r) => records.push(r.clone()),
+            Decision::Dead(r) => dead.push(r.clone()),
+        }
+    }
+    let last = part.is_none_or(|(k, n)| k == n);
+    EnrichedChunk {
+        schema_version: ENRICHED_CHUNK_VERSION,
+        source: chunk.source.clone(),
+        chunk_id: chunk.chunk_id.clone(),
+        run_id: chunk.run_id.clone(),
+        chunk_seq: chunk.chunk_seq,
+        records,
+        dead,
+        // The checkpoint moves with the last part only.
+        cursor_after: if last {
+            chunk.cursor_after.clone()
+        } else {
+            None
+        },
+        fetched_at: chunk.fetched_at,
+        part,
+    }
+}
+
+/// Why an outcome cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    #[error("encoding failed: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("one record's outcome is larger than the NATS max payload of {max} bytes")]
+    RecordTooLarge { max: usize },
+}
+
+/// Each decision as one that fits alone in `limit` bytes: an enriched record too large to
+/// publish is dead-lettered with that reason (the record's fault); a dead record too large
+/// keeps the head of its payload.
+fn fit_each(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    limit: usize,
+) -> Result<Vec<Decision>, SplitError> {
+    let mut out = Vec::with_capacity(decisions.len());
+    for d in decisions {
+        let size = messages::encode(&assemble(chunk, std::slice::from_ref(d), Some((1, 1))))?.len();
+        if size <= limit {
+            out.push(d.clone());
+            continue;
+        }
+        let (record, attempts, now) = match d {
+            Decision::Enriched(r) => (
+                tardis_common::messages::SourceRecord {
+                    id: r.id.clone(),
+                    updated_at: r.updated_at,
+                    payload: r.payload.clone(),
+                },
+                1,
+                r.enriched_at,
+            ),
+            Decision::Dead(r) => (r.record.clone(), r.attempts, r.failed_at),
+        };
+        let reason =
+            format!("the record's outcome is {size} bytes, more than the NATS max payload allows");
+        let mut dead = DeadRecord {
+            record,
+            reason: reason.clone(),
+            attempts,
+            last_error: Some(reason),
+            failed_at: now,
+        };
+        let alone = |dead: &DeadRecord| {
+            messages::encode(&assemble(
+                chunk,
+                &[Decision::Dead(dead.clone())],
+                Some((1, 1)),
+            ))
+            .map(|b| b.len())
+        };
+        if alone(&dead)? > limit {
+            let text = dead.record.payload.get();
+            let head: String = text.chars().take(4096).collect();
+            let stub =
+                serde_json::json!({"truncated": true, "original_bytes": text.len(), "head": head});
+            dead.record.payload = serde_json::value::RawValue::from_string(stub.to_string())?;
+        }
+        out.push(Decision::Dead(dead));
+    }
+    Ok(out)
+}
+
+/// The outcome of `chunk` as one message, or, when that is larger than `max_payload`, as the
+/// fewest parts (2, 4, 8, ...) that each fit. Part `k` of `n` always holds the same records
+/// of the chunk (consecutive, by position), so two rounds that split alike decide each record
+/// in the same message id.
+pub fn outcome_messages(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    max_payload: usize,
+) -> Result<Vec<EnrichedChunk>, SplitError> {
+    // Leave room for headers.
+    let limit = max_payload.saturating_sub(1024);
+    let fitted = fit_each(chunk, decisions, limit)?;
+    let decisions = fitted.as_slice();
+    let whole = assemble(chunk, decisions, None);
+    if messages::encode(&whole)?.len() <= limit {
+        return Ok(vec![whole]);
+    }
+    let mut n = 2usize;
+    while n / 2 < decisions.len() {
+        let per = decisions.len().div_ceil(n);
+        let parts: Vec<EnrichedChunk> = (0..n)
+            .map(|k| {
+                let from = (k * per).min(decisions.len());
+                let to = ((k + 1) * per).min(decisions.len());
+                assemble(chunk, &decisions[from..to], Some((k as u32 + 1, n as u32)))
+            })
+            .collect();
+        let mut fits = true;
+        for p in &parts {
+            if messages::encode(p)?.len() > limit {
+                fits = false;
+                break;
+            }
+        }
+        if fits {
+            return Ok(parts);
+        }
+        n *= 2;
+    }
+    Err(SplitError::RecordTooLarge { max: max_payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+    use tardis_common::messages::{SCHEMA_VERSION, SourceRecord, Usage};
+
+    fn chunk(n: usize, size: usize) -> RecordChunk {
+        let records: Vec<SourceRecord> = (0..n)
+            .map(|i| SourceRecord {
+                id: i.to_string(),
+                updated_at: None,
+                payload: RawValue::from_string(format!("{{\"t\":\"{}\"}}", "x".repeat(size)))
+                    .unwrap(),
+            })
+            .collect();
+        RecordChunk {
+            schema_version: SCHEMA_VERSION,
+            source: "s".into(),
+            chunk_id: messages::chunk_id("s", &records),
+            run_id: "r".into(),
+            chunk_seq: 0,
+            records,
+            cursor_after: Some(tardis_common::messages::Cursor::Token { token: "t".into() }),
+            fetched_at: Utc::now(),
+        }
+    }
+
+    fn outcomes(n: usize) -> Vec<Option<Outcome>> {
+        (0..n)
+            .map(|i| {
+                Some(if i % 3 == 1 {
+                    Outcome::Dead {
+                        reason: "bad".into(),
+                        attempts: 3,
+                        last_error: None,
+                    }
+                } else {
+                    Outcome::Enriched {
+                        enrichment: serde_json::json!({"sentiment": "positive"}),
+                        usage: Usage::default(),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_record_is_in_the_one_outcome_message() {
+        let c = chunk(6, 10);
+        let d = decide(&c, outcomes(6), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 1 << 20).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].records.len() + msgs[0].dead.len(), 6);
+        assert_eq!(msgs[0].dead.len(), 2);
+        assert_eq!(msgs[0].msg_id(), format!("enr:s:{}", c.chunk_id));
+        assert!(msgs[0].cursor_after.is_some());
+    }
+
+    #[test]
+    fn an_outcome_too_large_is_cut_in_parts_by_position() {
+        let c = chunk(8, 3000);
+        let d = decide(&c, outcomes(8), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
+        assert_eq!(msgs.len(), 4, "two records of ~3 KB per part");
+        let ids: Vec<Vec<String>> = msgs
+            .iter()
+            .map(|m| {
+                let mut ids: Vec<String> = m.records.iter().map(|r| r.id.clone()).collect();
+                ids.extend(m.dead.iter().map(|d| d.record.id.clone()));
+                ids.sort();
+                ids
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                vec!["0", "1"],
+                vec!["2", "3"],
+                vec!["4", "5"],
+                vec!["6", "7"]
+            ]
+        );
+        assert_eq!(msgs[3].msg_id(), format!("enr:s:{}:4/4", c.chunk_id));
+        assert!(msgs[..3].iter().all(|m| m.cursor_after.is_none()));
+        assert!(
+            msgs[3].cursor_after.is_some(),
+            "the last part moves the checkpoint"
+        );
+        // Another round with other decisions cuts the same way.
+        let mut other = outcomes(8);
+        other.reverse();
+        let d2 = decide(&c, other, "m", "p", Utc::now());
+        let again = outcome_messages(&c, &d2, 10_000).unwrap();
+        assert_eq!(again.len(), 4);
+        for (a, b) in msgs.iter().zip(&again) {
+            assert_eq!(a.msg_id(), b.msg_id());
+        }
+    }
+
+    #[test]
+    fn a_record_whose_outcome_cannot_fit_is_dead_lettered_not_retried_forever() {
+        let c = chunk(2, 20_000);
+        let d = decide(&c, outcomes(2), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
+        let dead: Vec<&DeadRecord> = msgs.iter().flat_map(|m| m.dead.iter()).collect();
+        assert_eq!(dead.len(), 2);
+        assert!(
+            dead[0].reason.contains("NATS max payload"),
+            "{}",
+            dead[0].reason
+        );
+        assert!(dead[0].record.payload.get().contains("\"truncated\":true"));
+        for m in &msgs {
+            assert!(messages::encode(m).unwrap().len() <= 10_000);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The wire protocol with the model (DESIGN §6), as pure functions.
+//! The wire protocol with the model, as pure functions.
 //!
 //! Request: a `system` message with the instructions and the output schema; one `user`
 //! message whose content is exactly `{"records": [{"id": "<id>", "record": <raw JSON>}, ...]}`.

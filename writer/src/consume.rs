@@ -242,7 +242,29 @@ impl Loop {
                 let changed = store::write_records(&tx, &rows, &cursors, &sources)
                     .await
                     .map_err(classify)?;
+                // The chunk's dead records, in the same transaction: each record of a chunk
+                // lands in exactly one of the two tables, together.
+                let letters: Vec<DeadLetter> = chunks
+                    .iter()
+                    .flat_map(EnrichedChunk::dead_letters)
+                    .collect();
+                let dead = if letters.is_empty() {
+                    0
+                } else {
+                    store::write_dead_letters(&tx, &letters)
+                        .await
+                        .map_err(classify)?
+                };
                 tx.commit().await.map_err(classify)?;
+                for l in &letters {
+                    warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");
+                }
+                if dead > 0 {
+                    self.metrics
+                        .rows
+                        .with_label_values(&["dead_letters", "all", "written"])
+                        .inc_by(dead);
+                }
                 let total: u64 = chunks.iter().map(|c| c.records.len() as u64).sum();
                 for source in &sources {
                     let written = changed.get(source).copied().unwrap_or(0);

@@ -70,7 +70,9 @@ async fn main() -> Result<()> {
                 since: None,
             }),
             records,
+            dead: vec![],
             fetched_at: now,
+            part: None,
         };
         publish_durably(
             &js,

@@ -124,12 +124,20 @@ async fn enriched(t: &TestNats) -> Result<Vec<EnrichedChunk>> {
     stream_messages(&t.jetstream(), &t.names().stream(StreamKind::Enriched)).await
 }
 
+/// Dead letters: the enrich-stage ones travel with their chunk's outcome, undecodable
+/// messages go to the dead-letter stream.
 async fn dead_letters(t: &TestNats) -> Result<Vec<DeadLetter>> {
+    let mut letters: Vec<DeadLetter> = enriched(t)
+        .await?
+        .iter()
+        .flat_map(EnrichedChunk::dead_letters)
+        .collect();
     match stream_messages(&t.jetstream(), &t.names().stream(StreamKind::DeadLetters)).await {
-        Ok(v) => Ok(v),
-        Err(e) if e.to_string().contains("stream not found") => Ok(vec![]),
-        Err(e) => Err(e),
+        Ok(v) => letters.extend(v),
+        Err(e) if e.to_string().contains("stream not found") => {}
+        Err(e) => return Err(e),
     }
+    Ok(letters)
 }
 
 fn enriched_ids(chunks: &[EnrichedChunk]) -> Vec<String> {

@@ -123,6 +123,8 @@ fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
         run_id: "r".into(),
         chunk_seq: 0,
         records: recs,
+        dead: vec![],
+        part: None,
         cursor_after: Some(Cursor::Position {
             updated_at: at(last.1),
             id: last.0.to_string(),
