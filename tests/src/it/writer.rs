@@ -630,3 +630,94 @@ async fn a_message_postgres_always_rejects_is_dead_lettered_without_blocking_the
     assert_eq!(ids, vec!["1", "3"], "the bad message blocked nothing");
     stop(running).await
 }
+
+/// Enriched chunk of `n` records without `updated_at`, with `text` in each, fetched at `at`.
+fn untimed_chunk(n: u64, text: &str, fetched_at: DateTime<Utc>) -> EnrichedChunk {
+    let mut c = chunk(
+        "untimed",
+        &(1..=n)
+            .map(|i| (i.to_string(), "2026-11-01T10:00:00Z", format!("{text} {i}")))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(i, t, x)| (i.as_str(), *t, x.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    for r in &mut c.records {
+        r.updated_at = None;
+    }
+    c.cursor_after = None;
+    c.fetched_at = fetched_at;
+    c
+}
+
+async fn drained(t: &TestNats) -> Result<()> {
+    wait_for(
+        "the enriched stream to drain",
+        Duration::from_secs(30),
+        || async {
+            Ok((t
+                .jetstream()
+                .get_stream(t.names().stream(StreamKind::Enriched))
+                .await?
+                .info()
+                .await?
+                .state
+                .messages
+                == 0)
+                .then_some(()))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn records_without_updated_at_keep_the_version_fetched_last() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    let running = start(&e)?;
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    let first = untimed_chunk(20, "first version", t0);
+    let second = untimed_chunk(
+        20,
+        "changed at the source",
+        t0 + chrono::Duration::minutes(1),
+    );
+    publish(&t, &first).await?;
+    drained(&t).await?;
+    publish(&t, &second).await?;
+    drained(&t).await?;
+    let client = db.connect().await?;
+    let texts = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        rows.iter().map(|r| r.get::<_, String>(0)).collect()
+    };
+    let q = "SELECT payload->>'text' FROM records WHERE source = 'untimed' ORDER BY record_id::int";
+    let got = texts(client.query(q, &[]).await?);
+    let stale: Vec<&String> = got.iter().filter(|t| t.starts_with("first")).collect();
+    assert!(
+        stale.is_empty(),
+        "{} of 20 kept an older version: {stale:?}",
+        stale.len()
+    );
+    // The older fetch arriving late changes nothing; neither does re-fetching the same
+    // content later.
+    let xmins = |rows: Vec<tokio_postgres::Row>| -> Vec<i64> {
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+    };
+    let xq =
+        "SELECT xmin::text::bigint FROM records WHERE source = 'untimed' ORDER BY record_id::int";
+    let before = xmins(client.query(xq, &[]).await?);
+    publish(&t, &first).await?;
+    let mut again = second.clone();
+    again.fetched_at = t0 + chrono::Duration::minutes(2);
+    publish(&t, &again).await?;
+    drained(&t).await?;
+    assert_eq!(texts(client.query(q, &[]).await?), got);
+    assert_eq!(
+        xmins(client.query(xq, &[]).await?),
+        before,
+        "an unchanged record fetched again is not rewritten"
+    );
+    stop(running).await
+}
