@@ -1,6 +1,11 @@
 //! The SQL of the writer: bulk upserts with UNNEST (one statement per table per batch),
 //! newest version wins, checkpoint advanced monotonically — all inside the caller's
 //! transaction.
+//!
+//! Versions of a record are ordered by `(updated_at, fetched_at)`: a newer one replaces the
+//! row only when its content or its `updated_at` differs, so a replay, or the same record
+//! fetched again unchanged, leaves the row untouched (its `xmin` does not change), and for a
+//! source without `updated_at` the version fetched last wins — never one chosen by a hash.
 
 use std::collections::HashMap;
 
@@ -28,8 +33,11 @@ pub struct RecordRow {
 }
 
 impl RecordRow {
-    fn version(&self) -> (Option<DateTime<Utc>>, &str) {
-        (self.updated_at, &self.content_hash)
+    /// The order of versions: the source's `updated_at`, then when it was fetched (so for a
+    /// source without `updated_at`, or one that changed a record without moving it, the
+    /// version fetched last wins), then the hash (only to break exact ties deterministically).
+    fn version(&self) -> (Option<DateTime<Utc>>, DateTime<Utc>, &str) {
+        (self.updated_at, self.fetched_at, &self.content_hash)
     }
 }
 
@@ -38,7 +46,7 @@ pub fn content_hash(payload: &str) -> String {
     hex::encode(&Sha256::digest(payload.as_bytes())[..16])
 }
 
-/// The rows of `chunks`, one per `(source, record_id)`: the newest by `(updated_at, hash)`.
+/// The rows of `chunks`, one per `(source, record_id)`: the newest by [`RecordRow::version`].
 pub fn rows(chunks: &[EnrichedChunk]) -> Vec<RecordRow> {
     let mut by_key: HashMap<(String, String), RecordRow> = HashMap::new();
     for c in chunks {
@@ -144,8 +152,10 @@ pub async fn write_records(
                     source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
                     completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
                     fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now()
-                 WHERE (coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.content_hash)
-                     > (coalesce(r.source_updated_at, '-infinity'), r.content_hash)
+                 WHERE (coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
+                     > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
+                   AND (EXCLUDED.content_hash <> r.content_hash
+                     OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at)
                  RETURNING source)
                  SELECT source, count(*) FROM written GROUP BY source",
                 &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched],
@@ -299,5 +309,54 @@ mod tests {
         assert!(k("9") < k("10"));
         assert!(k("10") < k("abc"));
         assert!(k("007") == k("7"));
+    }
+
+    fn outcome(texts: &[&str], fetched_at: DateTime<Utc>) -> EnrichedChunk {
+        use tardis_common::messages::{ENRICHED_CHUNK_VERSION, EnrichedRecord, Usage};
+        EnrichedChunk {
+            schema_version: ENRICHED_CHUNK_VERSION,
+            source: "s".into(),
+            chunk_id: "c".into(),
+            run_id: "r".into(),
+            chunk_seq: 0,
+            records: texts
+                .iter()
+                .map(|t| EnrichedRecord {
+                    id: "1".into(),
+                    updated_at: None,
+                    payload: serde_json::value::RawValue::from_string(
+                        serde_json::json!({ "t": t }).to_string(),
+                    )
+                    .unwrap(),
+                    enrichment: serde_json::json!({}),
+                    model: "m".into(),
+                    prompt_version: "p".into(),
+                    usage: Usage::default(),
+                    enriched_at: fetched_at,
+                })
+                .collect(),
+            dead: vec![],
+            cursor_after: None,
+            fetched_at,
+            part: None,
+        }
+    }
+
+    #[test]
+    fn within_a_batch_the_version_fetched_last_wins_whatever_its_hash() {
+        let t0 = Utc::now();
+        for (old, new) in [("a", "b"), ("b", "a"), ("zzz", "000")] {
+            let later = outcome(&[new], t0 + chrono::Duration::seconds(1));
+            let earlier = outcome(&[old], t0);
+            for order in [vec![earlier.clone(), later.clone()], vec![later, earlier]] {
+                let rows = rows(&order);
+                assert_eq!(rows.len(), 1);
+                assert!(
+                    rows[0].payload.contains(new),
+                    "{old} -> {new}: {:?}",
+                    rows[0]
+                );
+            }
+        }
     }
 }
