@@ -69,6 +69,9 @@ pub struct EnrichSettings {
     pub max_in_flight: u32,
     /// `ENRICH_BATCH_LINGER`: how long a partial batch waits for more records, default 100 ms.
     pub linger: Duration,
+    /// `ENRICH_SHUTDOWN_GRACE`: how long in-flight chunks may finish after SIGTERM before they
+    /// are handed back, default 15 s.
+    pub shutdown_grace: Duration,
 }
 
 impl LlmSettings {
@@ -174,6 +177,7 @@ impl EnrichSettings {
             max_deliver: i64::from(r.positive_u32("ENRICH_MAX_DELIVER", 10)),
             max_in_flight: r.positive_u32("ENRICH_MAX_IN_FLIGHT", 16),
             linger: r.duration("ENRICH_BATCH_LINGER", Duration::from_millis(100)),
+            shutdown_grace: r.duration("ENRICH_SHUTDOWN_GRACE", Duration::from_secs(15)),
         }
     }
 }

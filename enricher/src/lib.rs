@@ -151,6 +151,7 @@ pub async fn run_with(
         ack_wait: spec.ack_wait,
         consumer_name: config.common.names.consumer(ConsumerKind::Enricher),
         faults,
+        shutdown_grace: config.enrich.shutdown_grace,
     };
     pipeline.run(shutdown).await?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {

@@ -22,7 +22,8 @@
 //! * Backpressure: the puller takes a chunk only with a free permit, and takes none while the
 //!   circuit is open (the endpoint keeps failing) or halted (bad key or endpoint). On halt every
 //!   chunk in flight is nak'd: nothing acked, nothing dead-lettered.
-//! * Shutdown: stop pulling, let in-flight chunks finish for `SHUTDOWN_GRACE`, nak the rest.
+//! * Shutdown: stop pulling, let in-flight chunks finish for `ENRICH_SHUTDOWN_GRACE`, nak the
+//!   rest.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,8 +48,6 @@ use crate::metrics::EnrichMetrics;
 use crate::protocol::estimate_tokens;
 use tardis_common::faults::Faults;
 
-/// How long in-flight chunks may finish after SIGTERM before they are handed back.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// How long a publish may keep failing before the chunk is nak'd.
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -80,6 +79,8 @@ pub struct Pipeline {
     pub consumer_name: String,
     /// Faults injected by tests ([`Faults::none`] in production).
     pub faults: Arc<Faults>,
+    /// How long in-flight chunks may finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 fn lock(chunks: &Chunks) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
@@ -113,7 +114,7 @@ impl Pipeline {
             shutdown.cancelled().await;
         }
         // Drain: let in-flight chunks finish, then hand back what is left.
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let drained = tokio::time::timeout(this.shutdown_grace, async {
             while !lock(&chunks).is_empty() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

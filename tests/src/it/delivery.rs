@@ -207,3 +207,63 @@ async fn lost_acks_of_the_enricher_and_the_writer_change_nothing() -> Result<()>
     assert_exactly_once(&placed);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_chunk_handed_back_on_every_shutdown_is_never_stranded() -> Result<()> {
+    let t = TestNats::new().await?;
+    let llm = MockLlm::start(MockConfig {
+        latency_ms: 3_000,
+        ..MockConfig::default()
+    })
+    .await?;
+    publish(&t).await?;
+    let mut env = enricher_env(&t, &llm.endpoint());
+    env.insert("LLM_TIMEOUT".into(), "10s".into());
+    env.insert("ENRICH_MAX_DELIVER".into(), "3".into());
+    env.insert("ENRICH_SHUTDOWN_GRACE".into(), "100ms".into());
+    // Four rolling restarts, each while the chunks' LLM calls outlast the drain.
+    for round in 1..=4u64 {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(enricher::run(
+            enricher::Config::from_env(&env)?,
+            stop.clone(),
+        ));
+        // Each round, every one of the 3 chunks is delivered and its request is in flight.
+        wait_for(
+            &format!("round {round}: every chunk delivered and in flight"),
+            Duration::from_secs(30),
+            || async {
+                let sent = llm.mock.stats()["requests"].as_u64().unwrap_or(0);
+                Ok((sent >= 3 * round).then_some(()))
+            },
+        )
+        .await?;
+        stop.cancel();
+        task.await??;
+    }
+    let mut config = llm.mock.config();
+    config.latency_ms = 0;
+    llm.mock.set_config(config);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(enricher::run(
+        enricher::Config::from_env(&env)?,
+        stop.clone(),
+    ));
+    let result = wait_for(
+        "every chunk enriched after the restarts",
+        Duration::from_secs(60),
+        || async {
+            let left = stream_len(&t, StreamKind::Records).await?;
+            let done = stream_len(&t, StreamKind::Enriched).await?;
+            anyhow::ensure!(
+                left == 0,
+                "{left} record chunks still in the stream, {done} outcomes"
+            );
+            Ok((done == 3).then_some(()))
+        },
+    )
+    .await;
+    stop.cancel();
+    task.await??;
+    result
+}
