@@ -52,7 +52,7 @@ pub struct LlmSettings {
     pub max_attempts: u32,
     /// `LLM_RETRY_DELAY`: backoff base for 429/5xx/timeouts, default 1 s (capped at 60 s).
     pub retry_delay: Duration,
-    /// `RETRY_MAX_WAIT`: the longest `Retry-After` / `x-ratelimit-reset-*` honoured, default 5 min.
+    /// `LLM_RETRY_MAX_WAIT`: the longest `Retry-After` / `x-ratelimit-reset-*` honoured, default 60 s.
     pub retry_max_wait: Duration,
 }
 
@@ -63,8 +63,10 @@ pub struct EnrichSettings {
     pub schema: EnrichmentSchema,
     /// `ENRICH_PROMPT`: the system prompt template (`{fields}` is replaced by the schema).
     pub prompt: Option<String>,
-    /// `ENRICH_MAX_DELIVER`: deliveries of a chunk before JetStream gives up, default 10.
-    pub max_deliver: i64,
+    /// `ENRICH_MAX_DELIVER`: when set (> 0), a chunk delivered more often than this is given
+    /// up on: its records are dead-lettered (every delivery counts, hand-backs on shutdown
+    /// too). Unset or 0 (the default): no limit; JetStream redelivers until it is finished.
+    pub max_deliver: Option<u32>,
     /// `ENRICH_MAX_IN_FLIGHT`: chunks held at once per replica, default 16.
     pub max_in_flight: u32,
     /// `ENRICH_BATCH_LINGER`: how long a partial batch waits for more records, default 100 ms.
@@ -147,10 +149,7 @@ impl LlmSettings {
             price_output: float(r, "LLM_PRICE_OUTPUT_PER_MTOK", 0.42, 0.0, 1e6),
             max_attempts: r.positive_u32("LLM_MAX_ATTEMPTS", 3),
             retry_delay: r.duration("LLM_RETRY_DELAY", Duration::from_secs(1)),
-            retry_max_wait: r.duration(
-                "RETRY_MAX_WAIT",
-                tardis_common::backoff::DEFAULT_RETRY_MAX_WAIT,
-            ),
+            retry_max_wait: r.duration("LLM_RETRY_MAX_WAIT", Duration::from_secs(60)),
         }
     }
 }
@@ -174,7 +173,7 @@ impl EnrichSettings {
         Self {
             schema,
             prompt: r.raw("ENRICH_PROMPT"),
-            max_deliver: i64::from(r.positive_u32("ENRICH_MAX_DELIVER", 10)),
+            max_deliver: Some(r.non_negative_u32("ENRICH_MAX_DELIVER", 0)).filter(|n| *n > 0),
             max_in_flight: r.positive_u32("ENRICH_MAX_IN_FLIGHT", 16),
             linger: r.duration("ENRICH_BATCH_LINGER", Duration::from_millis(100)),
             shutdown_grace: r.duration("ENRICH_SHUTDOWN_GRACE", Duration::from_secs(15)),

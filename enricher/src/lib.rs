@@ -37,10 +37,14 @@ pub const COMPONENT: &str = "enricher";
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
     ConsumerSpec {
         ack_wait: config.llm.timeout * 2,
-        max_deliver: config.enrich.max_deliver,
+        // Never given up on by JetStream: a message past MaxDeliver would stay in the
+        // work-queue stream undelivered and out of every pending count. Hand-backs on
+        // shutdown must not use up anything; ENRICH_MAX_DELIVER, when set, is enforced by the
+        // enricher, which dead-letters the chunk's records instead.
+        max_deliver: -1,
         max_ack_pending: i64::from(config.enrich.max_in_flight) * 8,
         // Redeliveries (a replica died, a publish failed) back off: 1, 2, 4, 8 ack waits.
-        backoff: (0..4.min(config.enrich.max_deliver.saturating_sub(1)) as u32)
+        backoff: (0..4u32)
             .map(|k| config.llm.timeout * 2 * 2u32.pow(k))
             .collect(),
         ..ConsumerSpec::new(ConsumerKind::Enricher)
@@ -152,6 +156,7 @@ pub async fn run_with(
         consumer_name: config.common.names.consumer(ConsumerKind::Enricher),
         faults,
         shutdown_grace: config.enrich.shutdown_grace,
+        max_deliver: config.enrich.max_deliver,
     };
     pipeline.run(shutdown).await?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {

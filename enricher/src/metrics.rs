@@ -16,6 +16,7 @@ pub struct EnrichMetrics {
     pub cost: CounterVec,
     pub batch_size: HistogramVec,
     pub pending: IntGaugeVec,
+    pub undeliverable: IntGaugeVec,
 }
 
 impl EnrichMetrics {
@@ -109,6 +110,16 @@ impl EnrichMetrics {
                         "Messages waiting for a consumer plus delivered but unacknowledged (the autoscaling signal)",
                     ),
                     &["consumer"],
+                )?,
+            )?,
+            undeliverable: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tardis_stream_undeliverable_messages",
+                        "Messages in a work-queue stream that its consumer will not deliver any more (neither pending nor awaiting an ack): stranded work",
+                    ),
+                    &["stream"],
                 )?,
             )?,
         })

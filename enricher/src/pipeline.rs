@@ -81,6 +81,8 @@ pub struct Pipeline {
     pub faults: Arc<Faults>,
     /// How long in-flight chunks may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `ENRICH_MAX_DELIVER`: deliveries after which a chunk's records are dead-lettered.
+    pub max_deliver: Option<u32>,
 }
 
 fn lock(chunks: &Chunks) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
@@ -227,6 +229,36 @@ impl Pipeline {
             if let Err(e) = msg.double_ack().await {
                 warn!(error = %e, "ack of an empty chunk failed");
             }
+            return;
+        }
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        if delivered > 1 {
+            info!(source = %chunk.source, chunk_id = %chunk.chunk_id, delivery = delivered, "redelivered chunk");
+        }
+        if let Some(limit) = self.max_deliver
+            && delivered > i64::from(limit)
+        {
+            let reason = format!(
+                "the chunk was delivered {delivered} times without being finished (ENRICH_MAX_DELIVER={limit}): the enricher crashed or was stopped each time"
+            );
+            warn!(source = %chunk.source, chunk_id = %chunk.chunk_id, %reason, "giving up on a chunk; its records are dead-lettered");
+            let n = chunk.records.len();
+            let outcomes = vec![
+                Some(Outcome::Dead {
+                    reason: reason.clone(),
+                    attempts: 0,
+                    last_error: Some(reason),
+                });
+                n
+            ];
+            let tracked = Tracked {
+                msg,
+                chunk,
+                outcomes,
+                remaining: 0,
+                _permit: permit,
+            };
+            self.finalize(tracked).await;
             return;
         }
         let queued: Vec<Item> = chunk
@@ -534,17 +566,30 @@ impl Pipeline {
         }
     }
 
-    /// `tardis_consumer_pending{consumer}`: pending + ack-pending, every 5 s.
+    /// Every 5 s: `tardis_consumer_pending{consumer}` (pending + ack-pending) and
+    /// `tardis_stream_undeliverable_messages{stream}` (in the stream, yet neither).
     async fn lag(self: Arc<Self>, stop: CancellationToken) {
         let mut consumer = self.consumer.clone();
+        let stream_name = self.names.stream(tardis_common::nats::StreamKind::Records);
         loop {
             match consumer.info().await {
                 Ok(info) => {
-                    let v = info.num_pending as i64 + info.num_ack_pending as i64;
+                    let queued = info.num_pending as i64 + info.num_ack_pending as i64;
                     self.metrics
                         .pending
                         .with_label_values(&[&self.consumer_name])
-                        .set(v);
+                        .set(queued);
+                    match self.js.get_stream(&stream_name).await {
+                        Ok(mut stream) => match stream.info().await {
+                            Ok(s) => self
+                                .metrics
+                                .undeliverable
+                                .with_label_values(&[&stream_name])
+                                .set((s.state.messages as i64 - queued).max(0)),
+                            Err(error) => debug!(%error, "stream info failed"),
+                        },
+                        Err(error) => debug!(%error, "stream info failed"),
+                    }
                 }
                 Err(error) => debug!(%error, "consumer info failed"),
             }

@@ -208,8 +208,12 @@ async fn lost_acks_of_the_enricher_and_the_writer_change_nothing() -> Result<()>
     Ok(())
 }
 
-#[tokio::test]
-async fn a_chunk_handed_back_on_every_shutdown_is_never_stranded() -> Result<()> {
+/// Stops an enricher `restarts` times while every chunk's LLM call outlasts the drain, then
+/// lets one finish; returns the chunks' outcomes.
+async fn restart_while_in_flight(
+    extra: &[(&str, &str)],
+    restarts: u64,
+) -> Result<Vec<tardis_common::messages::EnrichedChunk>> {
     let t = TestNats::new().await?;
     let llm = MockLlm::start(MockConfig {
         latency_ms: 3_000,
@@ -219,10 +223,11 @@ async fn a_chunk_handed_back_on_every_shutdown_is_never_stranded() -> Result<()>
     publish(&t).await?;
     let mut env = enricher_env(&t, &llm.endpoint());
     env.insert("LLM_TIMEOUT".into(), "10s".into());
-    env.insert("ENRICH_MAX_DELIVER".into(), "3".into());
     env.insert("ENRICH_SHUTDOWN_GRACE".into(), "100ms".into());
-    // Four rolling restarts, each while the chunks' LLM calls outlast the drain.
-    for round in 1..=4u64 {
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    for round in 1..=restarts {
         let stop = CancellationToken::new();
         let task = tokio::spawn(enricher::run(
             enricher::Config::from_env(&env)?,
@@ -250,7 +255,7 @@ async fn a_chunk_handed_back_on_every_shutdown_is_never_stranded() -> Result<()>
         stop.clone(),
     ));
     let result = wait_for(
-        "every chunk enriched after the restarts",
+        "every chunk finished after the restarts",
         Duration::from_secs(60),
         || async {
             let left = stream_len(&t, StreamKind::Records).await?;
@@ -265,5 +270,36 @@ async fn a_chunk_handed_back_on_every_shutdown_is_never_stranded() -> Result<()>
     .await;
     stop.cancel();
     task.await??;
-    result
+    result?;
+    super::support::stream_messages(&t.jetstream(), &t.names().stream(StreamKind::Enriched)).await
+}
+
+#[tokio::test]
+async fn a_chunk_past_enrich_max_deliver_is_dead_lettered_never_stranded() -> Result<()> {
+    let outcomes = restart_while_in_flight(&[("ENRICH_MAX_DELIVER", "3")], 3).await?;
+    let dead: Vec<_> = outcomes.iter().flat_map(|o| o.dead.iter()).collect();
+    assert_eq!(
+        dead.len() as u64,
+        RECORDS,
+        "every record, given up on with its reason"
+    );
+    assert!(
+        dead[0].reason.contains("ENRICH_MAX_DELIVER=3"),
+        "{}",
+        dead[0].reason
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hand_backs_on_shutdown_use_up_nothing() -> Result<()> {
+    let outcomes = restart_while_in_flight(&[], 12).await?;
+    let enriched: usize = outcomes.iter().map(|o| o.records.len()).sum();
+    let dead: usize = outcomes.iter().map(|o| o.dead.len()).sum();
+    assert_eq!(
+        (enriched as u64, dead),
+        (RECORDS, 0),
+        "12 hand-backs and every record is still enriched"
+    );
+    Ok(())
 }
