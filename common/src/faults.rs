@@ -6,6 +6,7 @@
 //! * `enricher.publish.before`: a publish fails before anything is sent;
 //! * `enricher.publish.reply`: a publish reaches JetStream but its acknowledgement is lost;
 //! * `enricher.ack`: the ack of a record chunk is lost (the chunk comes back after the ack wait);
+//! * `enricher.batch.panic`: a batch task panics (a bug);
 //! * `writer.ack`: the ack of a committed batch is lost.
 
 use std::collections::HashMap;

@@ -392,6 +392,9 @@ impl Pipeline {
             let chunks = chunks.clone();
             let tasks2 = tasks.clone();
             tasks.spawn(async move {
+                if this.faults.fail("enricher.batch.panic") {
+                    panic!("injected fault: a batch task panics");
+                }
                 let result = this.processor.process(batch).await;
                 let done = this.record(&chunks, result.outcomes);
                 for tracked in done {

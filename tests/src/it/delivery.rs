@@ -303,3 +303,14 @@ async fn hand_backs_on_shutdown_use_up_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_task_that_panics_hands_its_chunks_back() -> Result<()> {
+    let placed = run_with_faults(
+        Faults::none().at("enricher.batch.panic", &[1]),
+        Faults::none(),
+    )
+    .await?;
+    assert_exactly_once(&placed);
+    Ok(())
+}
