@@ -322,6 +322,31 @@ mod tests {
     }
 
     #[test]
+    fn absurd_rate_limit_headers_are_capped_never_a_panic() {
+        let backoff = tardis_common::backoff::Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(60),
+        )
+        .with_max_wait(Duration::from_secs(60));
+        for (name, value) in [
+            ("retry-after", "1e300"),
+            ("retry-after", "NaN"),
+            ("retry-after", "-5"),
+            ("x-ratelimit-reset-requests", "1e300"),
+            ("x-ratelimit-reset-tokens", "99999999999999999999h"),
+            ("x-ratelimit-reset-tokens", "garbage"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            let wait = backoff.delay_honouring(0, retry_after(&h));
+            assert!(
+                wait <= Duration::from_secs(60),
+                "{name}: {value} -> {wait:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_longest_hint_wins() {
         let mut h = HeaderMap::new();
         h.insert("retry-after", "2".parse().unwrap());

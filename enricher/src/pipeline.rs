@@ -392,10 +392,28 @@ impl Pipeline {
             let chunks = chunks.clone();
             let tasks2 = tasks.clone();
             tasks.spawn(async move {
-                if this.faults.fail("enricher.batch.panic") {
-                    panic!("injected fault: a batch task panics");
-                }
-                let result = this.processor.process(batch).await;
+                let mut keys: Vec<u64> = batch.iter().map(|i| i.key.chunk).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                // The batch runs in a task of its own: if it panics (a bug), its chunks are
+                // handed back instead of being held, heartbeat after heartbeat, forever.
+                let work = tokio::spawn({
+                    let this = this.clone();
+                    async move {
+                        if this.faults.fail("enricher.batch.panic") {
+                            panic!("injected fault: a batch task panics");
+                        }
+                        this.processor.process(batch).await
+                    }
+                });
+                let result = match work.await {
+                    Ok(result) => result,
+                    Err(e) => {
+                        tracing::error!(error = %e, chunks = keys.len(), "a batch task failed; its chunks go back to the stream");
+                        this.hand_back(&chunks, &keys).await;
+                        return;
+                    }
+                };
                 let done = this.record(&chunks, result.outcomes);
                 for tracked in done {
                     let this = this.clone();
@@ -525,6 +543,24 @@ impl Pipeline {
                 .cost
                 .with_label_values(&[source, model])
                 .inc_by(cost);
+        }
+    }
+
+    /// Hands the chunks `keys` back to JetStream (their other records' outcomes, if any come,
+    /// are then ignored).
+    async fn hand_back(&self, chunks: &Chunks, keys: &[u64]) {
+        let taken: Vec<Tracked> = {
+            let mut map = lock(chunks);
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for t in taken {
+            self.metrics
+                .chunks
+                .with_label_values(&[&t.chunk.source, "nacked"])
+                .inc();
+            if let Err(e) = t.msg.ack_with(AckKind::Nak(None)).await {
+                warn!(error = %e, "nak failed; the chunk comes back after the ack wait");
+            }
         }
     }
 
