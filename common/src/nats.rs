@@ -758,6 +758,15 @@ pub enum PublishError {
     },
     #[error("publishing to {subject} interrupted by shutdown")]
     Cancelled { subject: String },
+    /// Permanent: the message is larger than the server accepts; retrying cannot help.
+    #[error(
+        "a message of {bytes} bytes for {subject} is larger than the NATS max payload of {max} bytes"
+    )]
+    TooLarge {
+        subject: String,
+        bytes: usize,
+        max: usize,
+    },
 }
 
 /// Publishes `payload` to `subject` with a `Nats-Msg-Id` and the current trace context, and
@@ -765,7 +774,8 @@ pub enum PublishError {
 ///
 /// Transient failures (no ack in time, no stream reachable, stream full) are retried with
 /// backoff for up to `patience`; retrying is safe because the `Nats-Msg-Id` makes a second
-/// copy a duplicate that JetStream drops.
+/// copy a duplicate that JetStream drops. A message larger than the server's max payload is
+/// [`PublishError::TooLarge`] at once: no retry can help.
 pub async fn publish_durably(
     js: &jetstream::Context,
     subject: &str,
@@ -782,11 +792,28 @@ pub async fn publish_durably(
         headers.insert("Nats-Msg-Id", msg_id);
         crate::telemetry::inject_current(&mut headers);
         let result = async {
-            js.publish_with_headers(subject.to_string(), headers, payload.clone())
+            let too_large = |text: &str| {
+                text.contains("max payload") || text.contains("message size exceeds maximum")
+            };
+            let sent = js
+                .publish_with_headers(subject.to_string(), headers, payload.clone())
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    let text = e.to_string();
+                    (
+                        e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+                            || too_large(&text),
+                        text,
+                    )
+                })?;
+            sent.await.map_err(|e| {
+                let text = e.to_string();
+                (
+                    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+                        || too_large(&text),
+                    text,
+                )
+            })
         };
         let result = tokio::select! {
             r = result => r,
@@ -795,7 +822,14 @@ pub async fn publish_durably(
         attempt += 1;
         match result {
             Ok(ack) => return Ok(ack),
-            Err(error) => {
+            Err((true, _)) => {
+                return Err(PublishError::TooLarge {
+                    subject: subject.to_string(),
+                    bytes: payload.len(),
+                    max: js.client().server_info().max_payload,
+                });
+            }
+            Err((false, error)) => {
                 let delay = backoff.delay(attempt);
                 if tokio::time::Instant::now() + delay > deadline {
                     return Err(PublishError::Failed {

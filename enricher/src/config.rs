@@ -54,6 +54,9 @@ pub struct LlmSettings {
     pub retry_delay: Duration,
     /// `LLM_RETRY_MAX_WAIT`: the longest `Retry-After` / `x-ratelimit-reset-*` honoured, default 60 s.
     pub retry_max_wait: Duration,
+    /// `LLM_OUTAGE_HAND_BACK`: how long one batch is retried through an outage before its
+    /// chunks are handed back to the stream, default 5 min.
+    pub outage_hand_back: Duration,
 }
 
 /// How records are enriched and delivered.
@@ -150,6 +153,7 @@ impl LlmSettings {
             max_attempts: r.positive_u32("LLM_MAX_ATTEMPTS", 3),
             retry_delay: r.duration("LLM_RETRY_DELAY", Duration::from_secs(1)),
             retry_max_wait: r.duration("LLM_RETRY_MAX_WAIT", Duration::from_secs(60)),
+            outage_hand_back: r.duration("LLM_OUTAGE_HAND_BACK", Duration::from_secs(300)),
         }
     }
 }

@@ -2,10 +2,13 @@
 //! the records that fail.
 //!
 //! * 429, 5xx, timeouts, connection errors: the same batch is retried with backoff (at least
-//!   the server's `Retry-After` / `x-ratelimit-reset-*`), without limit — an outage delays
-//!   data, it never dead-letters it. After three failures in a row the circuit opens: the
-//!   puller stops taking new work until a request succeeds.
-//! * 401/403, or a 404-like answer: the processor halts (no ack, no dead letter; `/ready` false).
+//!   the server's `Retry-After` / `x-ratelimit-reset-*`, at most `LLM_RETRY_MAX_WAIT`) — an
+//!   outage delays data, it never dead-letters it. After three failures in a row the circuit
+//!   opens: the puller stops taking new work until a request succeeds. A batch still failing
+//!   after `LLM_OUTAGE_HAND_BACK` is handed back to the stream (its chunks are nak'd with a
+//!   delay), so no loop holds work forever.
+//! * 401/403, a 404-like answer, or three 2xx answers in a row that are not chat completions:
+//!   the processor halts (no ack, no dead letter; `/ready` false; chunks handed back).
 //! * A whole-batch problem (invalid JSON, `finish_reason: "length"`, a 400/413/422): the batch is
 //!   split in halves and each half retried, down to single records, so one poison record cannot
 //!   drag its neighbours down. Only a record alone counts these against its attempts.
@@ -30,6 +33,10 @@ use crate::llm::{CallError, LlmClient};
 use crate::metrics::EnrichMetrics;
 use crate::protocol::{self, Answer, ResponseFormat};
 use crate::schema::EnrichmentSchema;
+
+/// Answers in a row that are 2xx but not a chat completion before the endpoint is taken as
+/// misconfigured and the enricher halts.
+pub const NOT_A_COMPLETION_LIMIT: u32 = 3;
 
 /// Answer tokens expected per record, charged to `LLM_TPM` up front.
 pub const EXPECTED_ANSWER_TOKENS: u32 = 50;
@@ -165,12 +172,18 @@ pub struct BatchProcessor {
 pub struct BatchResult {
     pub outcomes: Vec<(ItemKey, String, Outcome)>,
     pub abandoned: Vec<Item>,
+    /// The abandoned items' chunks must go back to the stream now (an outage), not at halt
+    /// or shutdown.
+    pub hand_back: bool,
 }
 
 enum Call {
     Answer(Answer),
     Rejected(String),
+    /// Halted or shutting down: the batch gets no outcome.
     Stopped,
+    /// An outage outlasted `LLM_OUTAGE_HAND_BACK`: the batch goes back to the stream.
+    HandBack,
 }
 
 impl BatchProcessor {
@@ -211,6 +224,8 @@ impl BatchProcessor {
         .with_max_wait(self.settings.retry_max_wait);
         let model = self.settings.model.as_str();
         let mut attempt = 0u32;
+        let mut not_completions = 0u32;
+        let started = tokio::time::Instant::now();
         loop {
             if self.health.is_halted() || self.stop.is_cancelled() {
                 return Call::Stopped;
@@ -226,17 +241,19 @@ impl BatchProcessor {
                     return Call::Answer(answer);
                 }
                 Err(CallError::Transient {
+                    rate_limited,
                     reason,
                     retry_after,
                 }) => {
                     self.health.failure();
+                    if started.elapsed() >= self.settings.outage_hand_back {
+                        // An outage: hand the batch back rather than hold it here forever.
+                        warn!(%reason, attempt, records = items.len(), "the endpoint kept failing for LLM_OUTAGE_HAND_BACK; handing the batch back");
+                        return Call::HandBack;
+                    }
                     let delay = backoff.delay_honouring(attempt, retry_after);
                     attempt = attempt.saturating_add(1);
-                    let kind = if reason.starts_with("HTTP 429") {
-                        "429"
-                    } else {
-                        "transient"
-                    };
+                    let kind = if rate_limited { "429" } else { "transient" };
                     self.metrics
                         .llm_retries
                         .with_label_values(&[model, kind])
@@ -251,6 +268,27 @@ impl BatchProcessor {
                 Err(e @ (CallError::Unauthorized { .. } | CallError::Misconfigured { .. })) => {
                     self.health.halt_with(e.to_string());
                     return Call::Stopped;
+                }
+                Err(e @ CallError::NotACompletion { .. }) => {
+                    self.health.failure();
+                    not_completions += 1;
+                    self.metrics
+                        .llm_retries
+                        .with_label_values(&[model, "not_a_completion"])
+                        .inc();
+                    if not_completions >= NOT_A_COMPLETION_LIMIT {
+                        // The endpoint's fault: halt (nothing acked, nothing dead-lettered).
+                        self.health.halt_with(e.to_string());
+                        return Call::Stopped;
+                    }
+                    let delay = backoff.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    warn!(error = %e, attempt, "the answer is not a chat completion, retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.stop.cancelled() => return Call::Stopped,
+                        () = self.health.halt.cancelled() => return Call::Stopped,
+                    }
                 }
                 Err(e @ CallError::Rejected { .. }) => return Call::Rejected(e.to_string()),
             }
@@ -274,6 +312,12 @@ impl BatchProcessor {
                 Call::Stopped => {
                     result.abandoned.extend(batch);
                     result.abandoned.extend(queue.into_iter().flatten());
+                    return result;
+                }
+                Call::HandBack => {
+                    result.abandoned.extend(batch);
+                    result.abandoned.extend(queue.into_iter().flatten());
+                    result.hand_back = true;
                     return result;
                 }
                 Call::Rejected(reason) => {

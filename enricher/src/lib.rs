@@ -157,6 +157,7 @@ pub async fn run_with(
         faults,
         shutdown_grace: config.enrich.shutdown_grace,
         max_deliver: config.enrich.max_deliver,
+        paused_until: std::sync::Mutex::new(None),
     };
     pipeline.run(shutdown).await?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {

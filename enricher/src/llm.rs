@@ -24,6 +24,8 @@ pub enum CallError {
     /// 429, 5xx, timeouts, connection errors: retry with backoff (at least `retry_after`).
     #[error("{reason}")]
     Transient {
+        /// 429: the provider's rate limit (counted apart from errors).
+        rate_limited: bool,
         reason: String,
         retry_after: Option<Duration>,
     },
@@ -38,6 +40,16 @@ pub enum CallError {
     /// 404/405 and the like: the endpoint is misconfigured. Stop pulling.
     #[error("the endpoint {endpoint} answered HTTP {status}; check PROCESSOR_ENDPOINT")]
     Misconfigured { endpoint: String, status: u16 },
+    /// A 2xx answer that is not a chat completion (an HTML page, another API): retried a few
+    /// times (a proxy may be flapping), then the endpoint is taken as misconfigured.
+    #[error(
+        "the endpoint {endpoint} answered HTTP {status} but not with a chat completion ({reason}); check PROCESSOR_ENDPOINT"
+    )]
+    NotACompletion {
+        endpoint: String,
+        status: u16,
+        reason: String,
+    },
 }
 
 /// Client-side limits.
@@ -130,6 +142,7 @@ impl LlmClient {
             .acquire()
             .await
             .map_err(|_| CallError::Transient {
+                rate_limited: false,
                 reason: "shutting down".into(),
                 retry_after: None,
             })?;
@@ -171,6 +184,7 @@ impl LlmClient {
                     .inc();
                 let reason = format!("{kind}: {}", tardis_common::error::chain(&e.without_url()));
                 return Err(CallError::Transient {
+                    rate_limited: false,
                     reason,
                     retry_after: None,
                 });
@@ -187,6 +201,7 @@ impl LlmClient {
                     .with_label_values(&[model, kind])
                     .inc();
                 return Err(CallError::Transient {
+                    rate_limited: false,
                     reason: format!(
                         "{kind} while reading the answer: {}",
                         tardis_common::error::chain(&e.without_url())
@@ -210,21 +225,26 @@ impl LlmClient {
                 .collect::<String>()
         };
         match status {
-            s if s.is_success() => parse_answer(&body).map_err(|reason| CallError::Transient {
-                reason,
-                retry_after: None,
-            }),
+            s if s.is_success() => {
+                parse_answer(&body).map_err(|reason| CallError::NotACompletion {
+                    endpoint: self.endpoint_for_logs(),
+                    status: s.as_u16(),
+                    reason,
+                })
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(CallError::Unauthorized {
                 endpoint: self.endpoint_for_logs(),
                 status: status.as_u16(),
             }),
             StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT => {
                 Err(CallError::Transient {
+                    rate_limited: status == StatusCode::TOO_MANY_REQUESTS,
                     reason: format!("HTTP {}: {}", status.as_u16(), snippet()),
                     retry_after,
                 })
             }
             s if s.is_server_error() => Err(CallError::Transient {
+                rate_limited: false,
                 reason: format!("HTTP {}: {}", status.as_u16(), snippet()),
                 retry_after,
             }),

@@ -83,6 +83,8 @@ pub struct Pipeline {
     pub shutdown_grace: Duration,
     /// `ENRICH_MAX_DELIVER`: deliveries after which a chunk's records are dead-lettered.
     pub max_deliver: Option<u32>,
+    /// Set after work was handed back through an outage: no pulling before then.
+    pub paused_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 fn lock(chunks: &Chunks) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
@@ -158,6 +160,19 @@ impl Pipeline {
         loop {
             if shutdown.is_cancelled() || halted.is_cancelled() {
                 return;
+            }
+            let paused = *self
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(until) = paused
+                && tokio::time::Instant::now() < until
+            {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => continue,
+                    () = shutdown.cancelled() => return,
+                    () = halted.cancelled() => return,
+                }
             }
             // Circuit open with work in flight: wait for it to recover instead of pulling more.
             if health.is_open() && !lock(chunks).is_empty() {
@@ -410,10 +425,25 @@ impl Pipeline {
                     Ok(result) => result,
                     Err(e) => {
                         tracing::error!(error = %e, chunks = keys.len(), "a batch task failed; its chunks go back to the stream");
-                        this.hand_back(&chunks, &keys).await;
+                        this.hand_back(&chunks, &keys, None).await;
                         return;
                     }
                 };
+                if result.hand_back {
+                    let mut back: Vec<u64> = result.abandoned.iter().map(|i| i.key.chunk).collect();
+                    back.sort_unstable();
+                    back.dedup();
+                    // Delivered again after a pause (at most 30 s), to any replica.
+                    let pause = this
+                        .processor
+                        .settings
+                        .outage_hand_back
+                        .min(Duration::from_secs(30));
+                    this.hand_back(&chunks, &back, Some(pause)).await;
+                    // Let replicas whose endpoint works take it first: pull nothing for two
+                    // pauses.
+                    this.pause_pulling(pause * 2);
+                }
                 let done = this.record(&chunks, result.outcomes);
                 for tracked in done {
                     let this = this.clone();
@@ -546,9 +576,19 @@ impl Pipeline {
         }
     }
 
+    /// Pulls nothing more for `pause` (after handing work back through an outage).
+    fn pause_pulling(&self, pause: Duration) {
+        let until = tokio::time::Instant::now() + pause;
+        let mut p = self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *p = Some(p.map_or(until, |u| u.max(until)));
+    }
+
     /// Hands the chunks `keys` back to JetStream (their other records' outcomes, if any come,
     /// are then ignored).
-    async fn hand_back(&self, chunks: &Chunks, keys: &[u64]) {
+    async fn hand_back(&self, chunks: &Chunks, keys: &[u64], delay: Option<Duration>) {
         let taken: Vec<Tracked> = {
             let mut map = lock(chunks);
             keys.iter().filter_map(|k| map.remove(k)).collect()
@@ -558,7 +598,7 @@ impl Pipeline {
                 .chunks
                 .with_label_values(&[&t.chunk.source, "nacked"])
                 .inc();
-            if let Err(e) = t.msg.ack_with(AckKind::Nak(None)).await {
+            if let Err(e) = t.msg.ack_with(AckKind::Nak(delay)).await {
                 warn!(error = %e, "nak failed; the chunk comes back after the ack wait");
             }
         }

@@ -500,3 +500,83 @@ async fn a_replica_killed_mid_batch_has_its_chunks_redelivered() -> Result<()> {
     );
     stop(survivor).await
 }
+
+#[tokio::test]
+async fn an_endpoint_that_answers_200_but_not_a_completion_halts_and_hands_the_work_back()
+-> Result<()> {
+    let t = TestNats::new().await?;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string("<html><body>Welcome to nginx!</body></html>"),
+        )
+        .mount(&server)
+        .await;
+    publish_records(&t, "s", 8, 4, None).await?;
+    let wrong = format!("{}/v1/chat/completions", server.uri());
+    let halted = start(&env(&t, &wrong, &[]))?;
+    let limit = enricher::enrich::NOT_A_COMPLETION_LIMIT as usize;
+    wait_for("the bounded retries", Duration::from_secs(30), || async {
+        Ok((requests_to(&server).await >= limit).then_some(()))
+    })
+    .await?;
+    // A second enricher, pointed at a working endpoint, finishes the work the first handed
+    // back; meanwhile the halted one sends nothing more.
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let working = start(&env(&t, &llm.endpoint(), &[]))?;
+    let chunks = wait_enriched(&t, 8, Duration::from_secs(60)).await?;
+    assert_eq!(enriched_ids(&chunks), all_ids(8));
+    assert!(dead_letters(&t).await?.is_empty(), "nothing dead-lettered");
+    assert_eq!(
+        requests_to(&server).await,
+        limit,
+        "the halted enricher stopped after {limit} answers that were not completions"
+    );
+    stop(working).await?;
+    stop(halted).await
+}
+
+async fn requests_to(server: &MockServer) -> usize {
+    server.received_requests().await.map_or(0, |r| r.len())
+}
+
+#[tokio::test]
+async fn a_batch_failing_through_an_outage_is_handed_back_not_held_forever() -> Result<()> {
+    let t = TestNats::new().await?;
+    let down = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+        .mount(&down)
+        .await;
+    publish_records(&t, "s", 8, 4, None).await?;
+    let stuck = start(&env(
+        &t,
+        &format!("{}/v1/chat/completions", down.uri()),
+        &[("LLM_OUTAGE_HAND_BACK", "1s")],
+    ))?;
+    wait_for(
+        "the failing enricher to hold the work",
+        Duration::from_secs(30),
+        || async { Ok((requests_to(&down).await >= 2).then_some(())) },
+    )
+    .await?;
+    // Another replica whose endpoint works gets the chunks once they are handed back.
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let working = start(&env(&t, &llm.endpoint(), &[]))?;
+    let chunks = match wait_enriched(&t, 8, Duration::from_secs(30)).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "{e}: mock-llm {}, failing endpoint {} requests",
+            llm.mock.stats(),
+            requests_to(&down).await
+        ),
+    };
+    assert_eq!(enriched_ids(&chunks), all_ids(8));
+    assert!(
+        dead_letters(&t).await?.is_empty(),
+        "an outage dead-letters nothing"
+    );
+    stop(working).await?;
+    stop(stuck).await
+}

@@ -403,3 +403,35 @@ async fn client_reconnects_after_the_server_is_killed_and_restarted() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_message_larger_than_the_max_payload_fails_at_once_not_after_the_patience()
+-> anyhow::Result<()> {
+    let t = TestNats::new().await?;
+    Topology::new(t.names(), Default::default())
+        .provision(&t.jetstream(), &[StreamKind::Records], &[], false)
+        .await?;
+    let client = async_nats::connect(&t.url).await?;
+    let max = client.server_info().max_payload;
+    let js = async_nats::jetstream::new(client);
+    let started = tokio::time::Instant::now();
+    let result = tardis_common::nats::publish_durably(
+        &js,
+        &t.names().records_subject("s"),
+        "too-big",
+        vec![b'x'; max + 1].into(),
+        Duration::from_secs(30),
+        &CancellationToken::new(),
+    )
+    .await;
+    match result {
+        Err(tardis_common::nats::PublishError::TooLarge { bytes, max: m, .. }) => {
+            assert_eq!((bytes, m), (max + 1, max));
+        }
+        other => panic!(
+            "expected TooLarge, got {other:?} after {:?}",
+            started.elapsed()
+        ),
+    }
+    Ok(())
+}
