@@ -721,3 +721,121 @@ async fn records_without_updated_at_keep_the_version_fetched_last() -> Result<()
     );
     stop(running).await
 }
+
+/// Publishes raw bytes on `subject` (a message no build of ours would write).
+async fn publish_raw(t: &TestNats, subject: &str, bytes: Vec<u8>) -> Result<()> {
+    Topology::new(t.names(), Default::default())
+        .provision(
+            &t.jetstream(),
+            &[
+                StreamKind::Enriched,
+                StreamKind::DeadLetters,
+                StreamKind::Runs,
+            ],
+            &[],
+            false,
+        )
+        .await?;
+    publish_durably(
+        &t.jetstream(),
+        subject,
+        &format!("raw-{}", crate::harness::unique_suffix()),
+        bytes.into(),
+        Duration::from_secs(10),
+        &CancellationToken::new(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn stream_messages_left(t: &TestNats, kind: StreamKind) -> Result<u64> {
+    Ok(t.jetstream()
+        .get_stream(t.names().stream(kind))
+        .await?
+        .info()
+        .await?
+        .state
+        .messages)
+}
+
+#[tokio::test]
+async fn nothing_the_writer_cannot_read_is_dropped() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let mut e = env(&t, &db.url);
+    let port = free_port()?;
+    e.insert("OPS_ADDR".into(), format!("127.0.0.1:{port}"));
+    migrate(&e).await?;
+    // A run report from a newer build (a rolling upgrade in the wrong order).
+    let newer = json!({"schema_version": 99, "run_id": "r", "source": "s", "what": "future"});
+    publish_raw(
+        &t,
+        &t.names().runs_subject("s"),
+        newer.to_string().into_bytes(),
+    )
+    .await?;
+    // Bytes that are not JSON on the dead-letter subject.
+    let garbage: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    publish_raw(
+        &t,
+        &t.names().dlq_subject(Stage::Enrich, "s"),
+        garbage.clone(),
+    )
+    .await?;
+    // A large enriched chunk of an unknown shape: kept whole, not cut to 64 KiB.
+    let odd = json!({"schema_version": 2, "shape": "unknown", "blob": "y".repeat(200_000)});
+    publish_raw(
+        &t,
+        &t.names().enriched_subject("s"),
+        odd.to_string().into_bytes(),
+    )
+    .await?;
+    let running = start(&e)?;
+    let client = db.connect().await?;
+    let rows = wait_for(
+        "the unreadable messages in dead_letters",
+        Duration::from_secs(30),
+        || async {
+            let rows = client
+                .query(
+                    "SELECT stage, payload::text, raw, reason FROM dead_letters ORDER BY length(reason)",
+                    &[],
+                )
+                .await?;
+            Ok((rows.len() == 2).then_some(rows))
+        },
+    )
+    .await?;
+    let raw: Vec<Option<Vec<u8>>> = rows.iter().map(|r| r.get(2)).collect();
+    assert!(
+        raw.contains(&Some(garbage)),
+        "the bytes that are not JSON are kept whole"
+    );
+    let payloads: Vec<Option<String>> = rows.iter().map(|r| r.get(1)).collect();
+    assert!(
+        payloads
+            .iter()
+            .flatten()
+            .any(|p| p.contains(&"y".repeat(200_000))),
+        "the unreadable JSON is kept whole"
+    );
+    // The newer run report is handed back, again and again, and counted: never dropped.
+    assert_eq!(stream_messages_left(&t, StreamKind::Runs).await?, 1);
+    wait_for(
+        "the newer message to be counted",
+        Duration::from_secs(30),
+        || async {
+            let (_, metrics) =
+                crate::harness::http_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
+            Ok(metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("tardis_writer_unreadable_total{") && l.contains("newer_version")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(count(&db, "SELECT count(*) FROM fetch_runs").await?, 0);
+    stop(running).await
+}
