@@ -17,6 +17,7 @@ pub struct EnrichMetrics {
     pub batch_size: HistogramVec,
     pub pending: IntGaugeVec,
     pub undeliverable: IntGaugeVec,
+    pub unreadable: IntCounterVec,
 }
 
 impl EnrichMetrics {
@@ -110,6 +111,16 @@ impl EnrichMetrics {
                         "Messages waiting for a consumer plus delivered but unacknowledged (the autoscaling signal)",
                     ),
                     &["consumer"],
+                )?,
+            )?,
+            unreadable: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tardis_enrich_unreadable_total",
+                        "Record chunks the enricher cannot read: newer_version (handed back until an enricher that reads it runs) or broken (dead-lettered)",
+                    ),
+                    &["kind"],
                 )?,
             )?,
             undeliverable: reg(

@@ -235,7 +235,25 @@ impl Pipeline {
     ) {
         let chunk: RecordChunk = match messages::decode(&msg.payload) {
             Ok(c) => c,
+            Err(messages::DecodeError::UnsupportedVersion {
+                found, supported, ..
+            }) if found > u64::from(supported) => {
+                // A newer fetcher: hand it back until an enricher that reads it runs.
+                self.metrics
+                    .unreadable
+                    .with_label_values(&["newer_version"])
+                    .inc();
+                warn!(found, supported, subject = %msg.subject, "a record chunk of a newer schema_version than this enricher reads: upgrade the enricher; it is handed back");
+                if let Err(e) = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(30))))
+                    .await
+                {
+                    debug!(error = %e, "nak failed");
+                }
+                return;
+            }
             Err(e) => {
+                self.metrics.unreadable.with_label_values(&["broken"]).inc();
                 self.dead_letter_undecodable(&msg, &e.to_string()).await;
                 return;
             }

@@ -1,13 +1,26 @@
 //! The writer's consuming loops: gather up to `WRITER_BATCH_MESSAGES` messages or
 //! `WRITER_BATCH_WAIT`, write them in one transaction, commit, then ack them all.
 //!
+//! **Delivery contract.**
+//! * Unit of atomicity: the batch's transaction. A record chunk's outcome is written whole in
+//!   it: its enriched records into `records`, its dead records into `dead_letters`, and the
+//!   source's checkpoint, so a record lands in exactly one of the two tables together with
+//!   the checkpoint that covers it.
+//! * Acked when: after `COMMIT`. A crash or a lost ack between the two replays the batch.
+//! * Idempotent: upserts keyed on `(source, record_id)` (newest version by `(updated_at,
+//!   fetched_at)`, a replay changes nothing); dead letters on `(stage, source, record_id)`;
+//!   fetch runs on `(source, run_id)`; the checkpoint only moves forward.
+//!
+//! Failures:
 //! * Postgres unreachable (connection errors): nothing is acked, the batch is nak'd with a
 //!   delay, `/ready` says `postgres`, and no more is pulled until Postgres answers again.
 //! * A batch the database rejects for its data (SQLSTATE classes 22 and 23): each message is
 //!   retried alone, so one bad message cannot block the others; a message still rejected after
-//!   `WRITER_MAX_DELIVER` deliveries goes to `tardis.dlq.write.<source>` with the reason.
-//! * A message that cannot be decoded (unknown `schema_version`, bad JSON) is dead-lettered
-//!   at once.
+//!   `WRITER_MAX_DELIVER` deliveries goes to `tardis.dlq.write.<source>` with the reason (a dead
+//!   letter or run report Postgres refuses is kept as its bytes in `dead_letters`).
+//! * Nothing is dropped: a message of a newer `schema_version` is handed back every 30 s and
+//!   counted until a writer that reads it runs; a message no build can read is kept whole in
+//!   `dead_letters` (JSON as `payload`, anything else as `raw` bytes), then terminated.
 
 use std::time::Duration;
 
@@ -26,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::WriterMetrics;
+
+/// How long a message of a newer `schema_version` waits before it is offered again.
+const NEWER_VERSION_DELAY: Duration = Duration::from_secs(30);
 use crate::store;
 
 /// What a loop consumes.
@@ -129,13 +145,12 @@ impl Loop {
         }
     }
 
-    fn decode(&self, msg: &jetstream::Message) -> Result<Decoded, String> {
-        let r = match self.kind {
+    fn decode(&self, msg: &jetstream::Message) -> Result<Decoded, messages::DecodeError> {
+        match self.kind {
             Kind::Records => messages::decode::<EnrichedChunk>(&msg.payload).map(Decoded::Chunk),
             Kind::DeadLetters => messages::decode::<DeadLetter>(&msg.payload).map(Decoded::Letter),
             Kind::Runs => messages::decode::<FetchRun>(&msg.payload).map(Decoded::Run),
-        };
-        r.map_err(|e| e.to_string())
+        }
     }
 
     async fn handle(&self, msgs: Vec<jetstream::Message>) {
@@ -143,7 +158,10 @@ impl Loop {
         for msg in msgs {
             match self.decode(&msg) {
                 Ok(d) => good.push((msg, d)),
-                Err(reason) => self.reject(&msg, None, &reason).await,
+                Err(messages::DecodeError::UnsupportedVersion {
+                    found, supported, ..
+                }) if found > u64::from(supported) => self.newer(&msg, found, supported).await,
+                Err(e) => self.unreadable(&msg, &e.to_string()).await,
             }
         }
         if good.is_empty() {
@@ -375,6 +393,87 @@ impl Loop {
         }
     }
 
+    /// A message from a newer build: handed back with a delay, again and again, and counted,
+    /// so an upgrade done in the wrong order stalls visibly and loses nothing.
+    async fn newer(&self, msg: &jetstream::Message, found: u64, supported: u32) {
+        self.metrics
+            .unreadable
+            .with_label_values(&[self.kind.label(), "newer_version"])
+            .inc();
+        warn!(
+            consumer = self.kind.label(),
+            subject = %msg.subject,
+            found,
+            supported,
+            "a message of a newer schema_version than this writer reads: upgrade the writer; it is handed back"
+        );
+        if let Err(e) = msg.ack_with(AckKind::Nak(Some(NEWER_VERSION_DELAY))).await {
+            debug!(error = %e, "nak failed; redelivered after the ack wait");
+        }
+    }
+
+    /// A message no build can read: kept whole in `dead_letters` (stage `write`), then
+    /// terminated. If Postgres cannot take it, it comes back.
+    async fn unreadable(&self, msg: &jetstream::Message, reason: &str) {
+        self.metrics
+            .unreadable
+            .with_label_values(&[self.kind.label(), "broken"])
+            .inc();
+        let (stream, seq) = msg
+            .info()
+            .map(|i| (i.stream.to_string(), i.stream_sequence))
+            .unwrap_or_default();
+        let u = store::Unreadable {
+            stage: Stage::Write.as_str(),
+            source: msg
+                .subject
+                .as_str()
+                .rsplit('.')
+                .next()
+                .unwrap_or("unknown")
+                .to_string(),
+            record_id: format!("message-{stream}-{seq}"),
+            bytes: msg.payload.to_vec(),
+            reason: format!("the message could not be read: {reason}"),
+            at: Utc::now(),
+        };
+        match self.store_unreadable(&u).await {
+            Ok(()) => {
+                warn!(consumer = self.kind.label(), subject = %msg.subject, seq, reason, "unreadable message kept in dead_letters");
+                if let Err(e) = msg.ack_with(AckKind::Term).await {
+                    warn!(error = %e, "terminating the message failed");
+                }
+            }
+            Err(error) => {
+                warn!(%error, "storing an unreadable message failed; it comes back");
+                if let Err(e) = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await
+                {
+                    debug!(error = %e, "nak failed");
+                }
+            }
+        }
+    }
+
+    async fn store_unreadable(&self, u: &store::Unreadable) -> Result<(), String> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        store::write_unreadable(&tx, u)
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        tx.commit()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))
+    }
+
     /// Dead-letters what cannot be written (stage `write`), then terminates the message.
     async fn reject(&self, msg: &jetstream::Message, decoded: Option<Decoded>, reason: &str) {
         self.metrics
@@ -383,9 +482,9 @@ impl Loop {
             .inc();
         let letters: Vec<DeadLetter> = match (&decoded, self.kind) {
             (_, Kind::DeadLetters) | (_, Kind::Runs) => {
-                // A dead letter or run report that cannot be stored is logged, not re-queued.
-                error!(reason, subject = %msg.subject, "message cannot be stored; dropped after logging");
-                Vec::new()
+                // A dead letter or run report Postgres refuses is kept as its bytes.
+                self.unreadable(msg, reason).await;
+                return;
             }
             (Some(Decoded::Chunk(c)), _) => c
                 .records

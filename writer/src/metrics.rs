@@ -12,6 +12,7 @@ pub struct WriterMetrics {
     pub commit_seconds: HistogramVec,
     pub checkpoint_age: GaugeVec,
     pub failures: IntCounterVec,
+    pub unreadable: IntCounterVec,
     pub info: IntGaugeVec,
 }
 
@@ -64,6 +65,16 @@ impl WriterMetrics {
                     Opts::new(
                         "tardis_writer_failures_total",
                         "Failed transactions by kind (connection, data) and messages dead-lettered",
+                    ),
+                    &["consumer", "kind"],
+                )?,
+            )?,
+            unreadable: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tardis_writer_unreadable_total",
+                        "Messages the writer cannot read: newer_version (handed back until a writer that reads it runs) or broken (kept whole in dead_letters)",
                     ),
                     &["consumer", "kind"],
                 )?,

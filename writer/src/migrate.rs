@@ -10,8 +10,14 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 /// `(version, name, sql)`, in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "dead_letter_raw",
+        include_str!("../migrations/0002_dead_letter_raw.sql"),
+    ),
+];
 
 /// The schema version this build expects.
 pub fn latest() -> i32 {

@@ -250,6 +250,38 @@ pub async fn write_dead_letters(
     .await
 }
 
+/// A message the writer cannot read, kept whole: `payload` when it is JSON, `raw` otherwise.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub stage: &'static str,
+    pub source: String,
+    /// `message-<stream>-<sequence>`: one row per message.
+    pub record_id: String,
+    pub bytes: Vec<u8>,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Stores an unreadable message in `dead_letters` (a replay counts another occurrence).
+pub async fn write_unreadable(
+    tx: &Transaction<'_>,
+    u: &Unreadable,
+) -> Result<u64, tokio_postgres::Error> {
+    let json = serde_json::from_slice::<serde_json::Value>(&u.bytes)
+        .ok()
+        .map(|_| String::from_utf8_lossy(&u.bytes).replace("\\u0000", "\\ufffd"));
+    let raw: Option<&[u8]> = if json.is_some() { None } else { Some(&u.bytes) };
+    let reason = u.reason.replace('\0', "\u{fffd}");
+    tx.execute(
+        "INSERT INTO dead_letters AS d (stage, source, record_id, payload, raw, reason, last_error, attempts, chunk_id, run_id, occurrences, first_seen, last_seen)
+         VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $6, 1, NULL, NULL, 1, $7, $7)
+         ON CONFLICT (stage, source, record_id) DO UPDATE SET
+            occurrences = d.occurrences + 1, last_seen = EXCLUDED.last_seen",
+        &[&u.stage, &u.source, &u.record_id, &json, &raw, &reason, &u.at],
+    )
+    .await
+}
+
 /// Inserts fetch runs (a replay changes nothing).
 pub async fn write_runs(
     tx: &Transaction<'_>,
