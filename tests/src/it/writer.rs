@@ -842,3 +842,43 @@ async fn nothing_the_writer_cannot_read_is_dropped() -> Result<()> {
     assert_eq!(count(&db, "SELECT count(*) FROM fetch_runs").await?, 0);
     stop(running).await
 }
+
+#[tokio::test]
+async fn a_stuck_lock_cannot_hold_a_batch_forever() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let mut e = env(&t, &db.url);
+    let port = free_port()?;
+    e.insert("OPS_ADDR".into(), format!("127.0.0.1:{port}"));
+    e.insert("WRITER_STATEMENT_TIMEOUT".into(), "1s".into());
+    migrate(&e).await?;
+    // Another session holds the table for as long as it likes.
+    let blocker = db.connect().await?;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let running = start(&e)?;
+    publish(
+        &t,
+        &chunk("s", &[("1", "2026-11-01T10:00:00Z", "behind a lock")]),
+    )
+    .await?;
+    wait_for(
+        "the writer to give up on the blocked statement",
+        Duration::from_secs(30),
+        || async {
+            let (_, metrics) =
+                crate::harness::http_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
+            Ok(metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("tardis_writer_failures_total{") && l.contains("kind=\"timeout\"")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    blocker.batch_execute("ROLLBACK").await?;
+    wait_rows(&db, 1, Duration::from_secs(30)).await?;
+    stop(running).await
+}
