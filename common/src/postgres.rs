@@ -31,6 +31,10 @@ pub struct PostgresSettings {
     pub pool_size: usize,
     /// `DB_CONNECT_TIMEOUT`, default 5 s.
     pub connect_timeout: Duration,
+    /// Server-side limits set on every connection (`statement_timeout`,
+    /// `idle_in_transaction_session_timeout`); `None` leaves the server's default.
+    pub statement_timeout: Option<Duration>,
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for PostgresSettings {
@@ -75,6 +79,8 @@ impl PostgresSettings {
             ssl_root_cert,
             pool_size,
             connect_timeout,
+            statement_timeout: None,
+            idle_in_transaction_timeout: None,
         };
         if let Some(port) = r.string("PGPORT") {
             match port.parse::<u16>() {
@@ -141,6 +147,22 @@ impl PostgresSettings {
         config.ssl_mode(self.ssl_mode);
         config.connect_timeout(self.connect_timeout);
         config.application_name("tardis");
+        let mut options: Vec<String> = config
+            .get_options()
+            .map(|o| vec![o.to_string()])
+            .unwrap_or_default();
+        if let Some(t) = self.statement_timeout {
+            options.push(format!("-c statement_timeout={}", t.as_millis()));
+        }
+        if let Some(t) = self.idle_in_transaction_timeout {
+            options.push(format!(
+                "-c idle_in_transaction_session_timeout={}",
+                t.as_millis()
+            ));
+        }
+        if !options.is_empty() {
+            config.options(options.join(" "));
+        }
         config
     }
 

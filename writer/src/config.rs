@@ -54,7 +54,18 @@ impl Config {
     pub fn from_env_with(env: &dyn Env, command: Command) -> Result<Self, ConfigError> {
         let mut r = Reader::new(env);
         let common = CommonConfig::read(&mut r, crate::COMPONENT);
-        let postgres = PostgresSettings::read(&mut r);
+        let mut postgres = PostgresSettings::read(&mut r);
+        // A stuck lock or a forgotten transaction can never hold a batch forever. Migrations
+        // keep the server's defaults (they may take longer).
+        let statement_timeout = r.duration("WRITER_STATEMENT_TIMEOUT", Duration::from_secs(60));
+        let idle_timeout = r.duration(
+            "WRITER_IDLE_IN_TRANSACTION_TIMEOUT",
+            Duration::from_secs(60),
+        );
+        if command == Command::Run {
+            postgres.statement_timeout = Some(statement_timeout);
+            postgres.idle_in_transaction_timeout = Some(idle_timeout);
+        }
         let batch_messages = r.positive_u32("WRITER_BATCH_MESSAGES", 100) as usize;
         let batch_wait = r.duration("WRITER_BATCH_WAIT", Duration::from_millis(200));
         let max_deliver = i64::from(r.positive_u32("WRITER_MAX_DELIVER", 5));

@@ -68,17 +68,30 @@ enum Decoded {
     Run(FetchRun),
 }
 
+/// Why a transaction failed, by what happens next.
+#[derive(Debug, PartialEq, Eq)]
 enum WriteError {
+    /// Postgres unreachable: nak, pause pulling until it answers.
     Connection(String),
+    /// The data was refused (SQLSTATE classes 22, 23): isolate, then dead-letter.
     Data(String),
+    /// `statement_timeout`, `idle_in_transaction_session_timeout`, a lock or serialization
+    /// conflict (57014, 25P03, 55P03, 40001, 40P01): nak with a delay and try again.
+    Busy(String),
+}
+
+/// The class of a failure from its SQLSTATE (pure).
+fn classify_code(code: Option<&str>, text: String) -> WriteError {
+    match code {
+        Some(c) if c.starts_with("22") || c.starts_with("23") => WriteError::Data(text),
+        Some("57014" | "25P03" | "55P03" | "40001" | "40P01") => WriteError::Busy(text),
+        _ => WriteError::Connection(text),
+    }
 }
 
 fn classify(e: tokio_postgres::Error) -> WriteError {
     let text = tardis_common::error::chain(&e);
-    match e.code().map(|c| c.code().to_string()) {
-        Some(code) if code.starts_with("22") || code.starts_with("23") => WriteError::Data(text),
-        _ => WriteError::Connection(text),
-    }
+    classify_code(e.code().map(|c| c.code()), text)
 }
 
 /// One consuming loop.
@@ -169,6 +182,14 @@ impl Loop {
         }
         match self.write(&good).await {
             Ok(()) => self.ack_all(&good).await,
+            Err(WriteError::Busy(e)) => {
+                warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "the transaction timed out or conflicted; the batch goes back to the stream");
+                self.metrics
+                    .failures
+                    .with_label_values(&[self.kind.label(), "timeout"])
+                    .inc();
+                self.nak_all(&good).await;
+            }
             Err(WriteError::Connection(e)) => {
                 warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "postgres unavailable; the batch goes back to the stream");
                 self.metrics
@@ -196,6 +217,14 @@ impl Loop {
         let batch = [one];
         match self.write(&batch).await {
             Ok(()) => self.ack_all(&batch).await,
+            Err(WriteError::Busy(e)) => {
+                warn!(error = %e, "the transaction timed out or conflicted");
+                self.metrics
+                    .failures
+                    .with_label_values(&[self.kind.label(), "timeout"])
+                    .inc();
+                self.nak_all(&batch).await;
+            }
             Err(WriteError::Connection(e)) => {
                 warn!(error = %e, "postgres unavailable");
                 self.pg_ready.set(false);
@@ -546,5 +575,22 @@ impl Loop {
         if let Err(e) = msg.ack_with(AckKind::Term).await {
             warn!(error = %e, "terminating the message failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_decide_what_happens_next() {
+        let c = |code: Option<&str>| classify_code(code, String::new());
+        assert_eq!(c(Some("23505")), WriteError::Data(String::new()));
+        assert_eq!(c(Some("22P02")), WriteError::Data(String::new()));
+        for busy in ["57014", "25P03", "55P03", "40001", "40P01"] {
+            assert_eq!(c(Some(busy)), WriteError::Busy(String::new()), "{busy}");
+        }
+        assert_eq!(c(Some("08006")), WriteError::Connection(String::new()));
+        assert_eq!(c(None), WriteError::Connection(String::new()));
     }
 }
