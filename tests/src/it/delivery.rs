@@ -314,3 +314,109 @@ async fn a_batch_task_that_panics_hands_its_chunks_back() -> Result<()> {
     assert_exactly_once(&placed);
     Ok(())
 }
+
+/// Every publish and ack step of the enricher and the writer fails at least once, a batch task
+/// panics, and the enricher is restarted 15 times with chunks in flight: every record still
+/// ends in exactly one of `records` and `dead_letters`, and no stream keeps anything.
+#[tokio::test]
+async fn every_step_fails_once_and_the_enricher_restarts_fifteen_times() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig {
+        poison: Some("POISON".into()),
+        poison_calls: Some(1),
+        latency_ms: 400,
+        ..MockConfig::default()
+    })
+    .await?;
+    publish(&t).await?;
+    let wenv = super::writer::env(&t, &db.url);
+    super::writer::migrate(&wenv).await?;
+    let stop_writer = CancellationToken::new();
+    let writer = tokio::spawn(writer::run_with(
+        writer::Config::from_env(&wenv)?,
+        stop_writer.clone(),
+        Arc::new(Faults::none().at("writer.ack", &[1, 3])),
+    ));
+    let mut env = enricher_env(&t, &llm.endpoint());
+    env.insert("ENRICH_SHUTDOWN_GRACE".into(), "100ms".into());
+    env.insert("LLM_BATCH_SIZE".into(), "2".into());
+    // Short ack waits: lost acks come back within seconds.
+    env.insert("LLM_TIMEOUT".into(), "1s".into());
+    let faults = || {
+        Arc::new(
+            Faults::none()
+                .at("enricher.publish.before", &[1])
+                .at("enricher.publish.reply", &[2])
+                .at("enricher.ack", &[1])
+                .at("enricher.batch.panic", &[2]),
+        )
+    };
+    for round in 1..=15u64 {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(enricher::run_with(
+            enricher::Config::from_env(&env)?,
+            stop.clone(),
+            faults(),
+        ));
+        let before = llm.mock.stats()["requests"].as_u64().unwrap_or(0);
+        wait_for(
+            &format!("restart {round}: a request in flight"),
+            Duration::from_secs(20),
+            || async {
+                let now = llm.mock.stats()["requests"].as_u64().unwrap_or(0);
+                let left = stream_len(&t, StreamKind::Records).await?;
+                Ok((now > before || left == 0).then_some(()))
+            },
+        )
+        .await?;
+        stop.cancel();
+        task.await??;
+    }
+    let stop = CancellationToken::new();
+    let last = tokio::spawn(enricher::run_with(
+        enricher::Config::from_env(&env)?,
+        stop.clone(),
+        faults(),
+    ));
+    let client = db.connect().await?;
+    let placed = wait_for(
+        "every record in a table and every stream drained",
+        Duration::from_secs(120),
+        || async {
+            let rows = client
+                .query(
+                    "SELECT r.record_id, count(*) FROM (
+                        SELECT record_id FROM records WHERE source = $1
+                        UNION ALL SELECT record_id FROM dead_letters WHERE source = $1) r
+                     GROUP BY r.record_id",
+                    &[&SOURCE],
+                )
+                .await?;
+            let placed: BTreeMap<u64, i64> = rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0).parse().unwrap_or(0), r.get(1)))
+                .collect();
+            let mut drained = true;
+            for kind in [
+                StreamKind::Records,
+                StreamKind::Enriched,
+                StreamKind::DeadLetters,
+            ] {
+                drained &= stream_len(&t, kind).await? == 0;
+            }
+            anyhow::ensure!(placed.len() as u64 == RECORDS, "placed so far: {placed:?}");
+            anyhow::ensure!(drained, "streams not drained yet");
+            Ok(Some(placed))
+        },
+    )
+    .await?;
+    stop.cancel();
+    last.await??;
+    stop_writer.cancel();
+    writer.await??;
+    for (id, n) in &placed {
+        assert_eq!(*n, 1, "record {id} is in {n} places: {placed:?}");
+    }
+    Ok(())
+}
