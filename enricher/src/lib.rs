@@ -132,7 +132,7 @@ pub async fn run_with(
     );
     let health = Arc::new(enrich::LlmHealth::new(llm_ready));
     let processor = Arc::new(enrich::BatchProcessor {
-        client: llm_client,
+        client: Arc::new(llm_client),
         schema: config.enrich.schema.clone(),
         system_prompt,
         settings: llm.clone(),

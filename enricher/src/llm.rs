@@ -52,6 +52,27 @@ pub enum CallError {
     },
 }
 
+/// What the batch policy needs from an LLM: one completion. [`LlmClient`] is the real one;
+/// the policy's unit tests script their own.
+pub trait Complete: Send + Sync + std::fmt::Debug {
+    fn complete<'a>(
+        &'a self,
+        body: &'a Value,
+        tokens: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>;
+}
+
+impl Complete for LlmClient {
+    fn complete<'a>(
+        &'a self,
+        body: &'a Value,
+        tokens: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>
+    {
+        Box::pin(LlmClient::complete(self, body, tokens))
+    }
+}
+
 /// Client-side limits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
