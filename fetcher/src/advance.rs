@@ -14,7 +14,7 @@
 //!   run, and the cursor goes back to where the run started: the chunks published before
 //!   may have moved it past records that are still to come.
 
-use tardis_common::config::Order;
+use crate::sources::Order;
 use tardis_common::messages::{Cursor, SourceRecord};
 
 use crate::cursor;

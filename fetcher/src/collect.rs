@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::sources::SourceConfig;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use tardis_common::config::SourceConfig;
 use tardis_common::messages::{Cursor, RunOutcome, SourceRecord};
 use tardis_common::nats::Names;
 use tokio_util::sync::CancellationToken;

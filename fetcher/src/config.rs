@@ -7,7 +7,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tardis_common::app::ComponentConfig;
-use tardis_common::config::{CommonConfig, ConfigError, Env, Reader, SourcesConfig};
+use tardis_common::config::{CommonConfig, ConfigError, Env, Reader};
+
+use crate::sources::SourcesConfig;
 use tardis_common::postgres::PostgresSettings;
 use tardis_common::telemetry::TelemetrySettings;
 

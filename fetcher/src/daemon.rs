@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::sources::SourcesConfig;
 use chrono::Utc;
-use tardis_common::config::SourcesConfig;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -59,7 +59,7 @@ pub async fn run(
 /// schedule running.
 async fn run_once(
     collector: &Collector,
-    source: &Arc<tardis_common::config::SourceConfig>,
+    source: &Arc<crate::sources::SourceConfig>,
     chunk_size: u32,
     shutdown: &CancellationToken,
 ) {

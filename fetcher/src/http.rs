@@ -7,13 +7,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::sources::{AuthType, SourceConfig};
 use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LINK, RETRY_AFTER};
 use serde_json::Value;
 use tardis_common::backoff::{Backoff, parse_retry_after};
-use tardis_common::config::{AuthType, SourceConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use url::Url;

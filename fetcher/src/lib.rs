@@ -34,6 +34,7 @@ pub mod plan;
 pub mod publish;
 pub mod redact;
 pub mod report;
+pub mod sources;
 pub mod state;
 
 use std::process::ExitCode;

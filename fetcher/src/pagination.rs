@@ -23,8 +23,8 @@
 
 use std::collections::HashSet;
 
+use crate::sources::Pagination;
 use serde_json::Value;
-use tardis_common::config::Pagination;
 use url::Url;
 
 use crate::link;

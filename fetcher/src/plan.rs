@@ -1,8 +1,8 @@
 //! What a run asks a source for: the incremental parameters of its first request, and what
 //! an `incomplete` run tells about the next one. Pure.
 
+use crate::sources::{Order, Pagination, SourceConfig};
 use chrono::{DateTime, SecondsFormat, Utc};
-use tardis_common::config::{Order, Pagination, SourceConfig};
 use tardis_common::messages::Cursor;
 
 use crate::collect::Mode;

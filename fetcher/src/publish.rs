@@ -1,9 +1,9 @@
 //! Publishing a page: chunks (cut by count and bytes) with content-derived ids, oversized
 //! records to the dead-letter stream, and the cursor saved after each acknowledged chunk.
 
+use crate::sources::SourceConfig;
 use chrono::Utc;
 use serde_json::value::RawValue;
-use tardis_common::config::SourceConfig;
 use tardis_common::messages::{
     self, Cursor, DeadLetter, RecordChunk, SCHEMA_VERSION, SourceRecord, Stage,
 };

@@ -9,12 +9,6 @@
 //!
 //! Defaults live in the section that owns the key; README.md lists them all.
 
-mod sources;
-
-pub use sources::{
-    AuthType, DEFAULT_CREDENTIAL_ENV, Order, Pagination, ScheduleSpec, SourceConfig, SourcesConfig,
-};
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -124,6 +118,11 @@ impl<'a> Reader<'a> {
             env,
             problems: Vec::new(),
         }
+    }
+
+    /// How many problems were found so far (a caller checks whether its part added any).
+    pub fn problem_count(&self) -> usize {
+        self.problems.len()
     }
 
     /// Records a problem with `key`.
@@ -371,7 +370,11 @@ impl CommonConfig {
 
 /// Whether `TARDIS_PREFIX` is usable in stream, subject and bucket names.
 pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
-    prefix.len() <= 32 && sources::is_valid_token(prefix)
+    prefix.len() <= 32
+        && !prefix.is_empty()
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use tardis_common::config::{AuthType, ConfigError, ScheduleSpec};
+use fetcher::sources::{AuthType, ScheduleSpec};
+use tardis_common::config::ConfigError;
 
 use super::support::{LEGACY_SECRETS, env_of, legacy_env};
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::{Reader, parse_duration, parse_http_url};
-use crate::Secret;
+use tardis_common::Secret;
+use tardis_common::config::{Reader, parse_duration, parse_http_url};
 
 /// The environment variable holding a source's credential unless the source names another.
 pub const DEFAULT_CREDENTIAL_ENV: &str = "DATA_API_KEY";
@@ -302,7 +302,7 @@ fn as_pointer(field: &str) -> String {
 }
 
 /// Whether a name is usable as one NATS subject token and a metric label.
-pub(crate) fn is_valid_token(name: &str) -> bool {
+pub fn is_valid_token(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -342,7 +342,10 @@ impl SourcesConfig {
         let retry_delay = r.duration("RETRY_DELAY", Self::DEFAULT_RETRY_DELAY);
         let collection_interval =
             r.duration("COLLECTION_INTERVAL", Self::DEFAULT_COLLECTION_INTERVAL);
-        let retry_max_wait = r.duration("RETRY_MAX_WAIT", crate::backoff::DEFAULT_RETRY_MAX_WAIT);
+        let retry_max_wait = r.duration(
+            "RETRY_MAX_WAIT",
+            tardis_common::backoff::DEFAULT_RETRY_MAX_WAIT,
+        );
         let mut config = Self {
             sources: Vec::new(),
             chunk_size,
@@ -453,7 +456,7 @@ fn validate_source(
     raw: RawSource,
     defaults: &SourcesConfig,
 ) -> Option<SourceConfig> {
-    let before = r.problems.len();
+    let before = r.problem_count();
     let name = raw.name.trim().to_string();
     let key = |field: &str| format!("DATA_SOURCES[{i}].{field}");
     let label = if name.is_empty() {
@@ -666,5 +669,5 @@ fn validate_source(
         order: raw.order.unwrap_or_default(),
         max_page_bytes,
     };
-    (r.problems.len() == before).then_some(source)
+    (r.problem_count() == before).then_some(source)
 }
