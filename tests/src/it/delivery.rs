@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use devtools::mock_llm::{MockConfig, Running as MockLlm};
-use serde_json::json;
 use tardis_common::faults::Faults;
-use tardis_common::messages::{self, RecordChunk, SCHEMA_VERSION, SourceRecord};
-use tardis_common::nats::{StreamKind, Topology, publish_durably};
+use tardis_common::nats::StreamKind;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{TestDb, TestNats, wait_for};
@@ -22,48 +20,14 @@ const RECORDS: u64 = 12;
 
 /// 3 chunks of 4 records; ids 2, 6 and 10 carry the mock's poison.
 async fn publish(t: &TestNats) -> Result<()> {
-    Topology::new(t.names(), Default::default())
-        .provision(&t.jetstream(), &[StreamKind::Records], &[], false)
-        .await?;
-    let ids: Vec<u64> = (1..=RECORDS).collect();
-    for (seq, group) in ids.chunks(4).enumerate() {
-        let records = group
-            .iter()
-            .map(|i| {
-                let text = if i % 4 == 2 {
-                    "POISON please break".to_string()
-                } else {
-                    format!("I love feature {i}")
-                };
-                Ok(SourceRecord {
-                    id: i.to_string(),
-                    updated_at: Some(chrono::Utc::now()),
-                    payload: serde_json::value::RawValue::from_string(
-                        json!({"id": i, "message": text}).to_string(),
-                    )?,
-                })
-            })
-            .collect::<Result<Vec<_>, serde_json::Error>>()?;
-        let chunk = RecordChunk {
-            schema_version: SCHEMA_VERSION,
-            source: SOURCE.into(),
-            chunk_id: messages::chunk_id(SOURCE, &records),
-            run_id: "run-1".into(),
-            chunk_seq: seq as u64,
-            records,
-            cursor_after: None,
-            fetched_at: chrono::Utc::now(),
-        };
-        publish_durably(
-            &t.jetstream(),
-            &t.names().records_subject(SOURCE),
-            &chunk.msg_id(),
-            messages::encode(&chunk)?.into(),
-            Duration::from_secs(10),
-            &CancellationToken::new(),
-        )
-        .await?;
-    }
+    super::enricher::publish_texts(t, SOURCE, RECORDS as usize, 4, |i| {
+        if i % 4 == 2 {
+            "POISON please break".to_string()
+        } else {
+            format!("I love feature {i}")
+        }
+    })
+    .await?;
     Ok(())
 }
 
@@ -175,37 +139,38 @@ fn assert_exactly_once(placed: &BTreeMap<u64, (i64, i64)>) {
     }
 }
 
+/// Runs with the faults and requires every record in exactly one table.
+async fn exactly_once_despite(enricher_faults: Faults, writer_faults: Faults) -> Result<()> {
+    let placed = run_with_faults(enricher_faults, writer_faults).await?;
+    assert_exactly_once(&placed);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_publish_that_fails_never_leaves_a_record_nowhere() -> Result<()> {
-    let placed = run_with_faults(
+    exactly_once_despite(
         Faults::none().at("enricher.publish.before", &[2, 3, 4, 5]),
         Faults::none(),
     )
-    .await?;
-    assert_exactly_once(&placed);
-    Ok(())
+    .await
 }
 
 #[tokio::test]
 async fn a_publish_whose_reply_is_lost_never_doubles_a_record() -> Result<()> {
-    let placed = run_with_faults(
+    exactly_once_despite(
         Faults::none().at("enricher.publish.reply", &[1, 2, 3, 4]),
         Faults::none(),
     )
-    .await?;
-    assert_exactly_once(&placed);
-    Ok(())
+    .await
 }
 
 #[tokio::test]
 async fn lost_acks_of_the_enricher_and_the_writer_change_nothing() -> Result<()> {
-    let placed = run_with_faults(
+    exactly_once_despite(
         Faults::none().at("enricher.ack", &[1, 2]),
         Faults::none().at("writer.ack", &[1, 2, 3]),
     )
-    .await?;
-    assert_exactly_once(&placed);
-    Ok(())
+    .await
 }
 
 /// Stops an enricher `restarts` times while every chunk's LLM call outlasts the drain, then
@@ -306,13 +271,11 @@ async fn hand_backs_on_shutdown_use_up_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn a_batch_task_that_panics_hands_its_chunks_back() -> Result<()> {
-    let placed = run_with_faults(
+    exactly_once_despite(
         Faults::none().at("enricher.batch.panic", &[1]),
         Faults::none(),
     )
-    .await?;
-    assert_exactly_once(&placed);
-    Ok(())
+    .await
 }
 
 /// Every publish and ack step of the enricher and the writer fails at least once, a batch task

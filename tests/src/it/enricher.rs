@@ -27,6 +27,26 @@ async fn publish_records(
     per_chunk: usize,
     poison: Option<usize>,
 ) -> Result<Vec<RecordChunk>> {
+    publish_texts(t, source, n, per_chunk, |i| {
+        if Some(i) == poison {
+            "POISON please break".to_string()
+        } else if i % 3 == 0 {
+            "Checkout failed twice".into()
+        } else {
+            format!("I love feature {i}")
+        }
+    })
+    .await
+}
+
+/// Publishes records 1..=n of `source`, record `i` saying `text(i)`, in chunks of `per_chunk`.
+pub(super) async fn publish_texts(
+    t: &TestNats,
+    source: &str,
+    n: usize,
+    per_chunk: usize,
+    text: impl Fn(usize) -> String,
+) -> Result<Vec<RecordChunk>> {
     tardis_common::nats::Topology::new(t.names(), Default::default())
         .provision(&t.jetstream(), &[StreamKind::Records], &[], false)
         .await?;
@@ -36,18 +56,11 @@ async fn publish_records(
         let records: Vec<SourceRecord> = group
             .iter()
             .map(|i| {
-                let text = if Some(*i) == poison {
-                    "POISON please break".to_string()
-                } else if i % 3 == 0 {
-                    "Checkout failed twice".into()
-                } else {
-                    format!("I love feature {i}")
-                };
                 Ok(SourceRecord {
                     id: i.to_string(),
                     updated_at: Some(chrono::Utc::now()),
                     payload: serde_json::value::RawValue::from_string(
-                        json!({"id": i, "message": text, "event": "review"}).to_string(),
+                        json!({"id": i, "message": text(*i), "event": "review"}).to_string(),
                     )?,
                 })
             })

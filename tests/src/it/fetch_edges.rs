@@ -11,13 +11,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::fetcher::RecordingSleeper;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
-use fetcher::http::Sleeper;
 use serde_json::{Value, json};
 use tardis_common::messages::RecordChunk;
 use tardis_common::nats::StreamKind;
-use tokio_util::sync::CancellationToken;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -27,46 +26,22 @@ use crate::harness::{NatsServer, TestNats};
 
 // ---------------------------------------------------------------- helpers
 
+/// The fetcher tests' environment, with a credential long enough to be looked for in reports.
 fn env(t: &TestNats, sources: Value, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> = [
-        ("NATS_URL", t.url.as_str()),
-        ("TARDIS_PREFIX", t.prefix.as_str()),
-        ("OPS_ADDR", "127.0.0.1:0"),
+    let mut pairs = vec![
         ("DATA_API_KEY", "k-123-secret"),
         ("CHUNK_SIZE", "5"),
-        ("RETRY_DELAY", "10ms"),
         ("FETCH_LEASE_TTL", "5s"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.insert("DATA_SOURCES".into(), sources.to_string());
-    for (k, v) in extra {
-        env.insert(k.to_string(), v.to_string());
-    }
-    env
-}
-
-/// Records the waits between retries instead of sleeping.
-#[derive(Debug, Default)]
-struct RecordingSleeper(Mutex<Vec<Duration>>);
-
-impl Sleeper for RecordingSleeper {
-    fn sleep(
-        &self,
-        d: Duration,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        self.0.lock().unwrap().push(d);
-        Box::pin(async {})
-    }
+    ];
+    pairs.extend_from_slice(extra);
+    super::fetcher::env(t, sources, &pairs)
 }
 
 async fn run_with(
     env: &BTreeMap<String, String>,
     sleeper: Arc<RecordingSleeper>,
 ) -> Result<ExitCode> {
-    let config = fetcher::Config::from_env_with(env, fetcher::Command::Run { sources: vec![] })?;
-    fetcher::run_with(config, CancellationToken::new(), sleeper).await
+    super::fetcher::run_recording(env, fetcher::Command::Run { sources: vec![] }, sleeper).await
 }
 
 async fn run(env: &BTreeMap<String, String>) -> Result<ExitCode> {
@@ -137,6 +112,12 @@ fn event(id: u64, updated_at: &str) -> Value {
     json!({"id": id, "updated_at": updated_at, "title": format!("event {id}")})
 }
 
+/// json-server with events 1..=n, one every 100 ms, in order.
+async fn sorted_server(n: u64) -> Result<JsonServer> {
+    JsonServer::start(&json!({"events": (1..=n).map(|i| event(i, &at(i))).collect::<Vec<_>>()}))
+        .await
+}
+
 /// A json-server source: `Link` pagination with `_page`/`_limit`, `updated_at_gte`.
 fn json_server_source(server: &JsonServer, query: &str, extra: Value) -> Value {
     let mut source = json!({
@@ -161,10 +142,7 @@ fn json_server_source(server: &JsonServer, query: &str, extra: Value) -> Value {
 #[tokio::test]
 async fn a_comma_inside_a_link_url_does_not_end_the_run() -> Result<()> {
     let t = TestNats::new().await?;
-    let server = JsonServer::start(
-        &json!({"events": (1..=45).map(|i| event(i, &at(i))).collect::<Vec<_>>()}),
-    )
-    .await?;
+    let server = sorted_server(45).await?;
     let e = env(
         &t,
         json_server_source(&server, "_page=1&_sort=updated_at,id", json!({})),
@@ -348,10 +326,7 @@ async fn an_unsorted_source_cut_short_skips_nothing() -> Result<()> {
 #[tokio::test]
 async fn a_source_declared_unsorted_keeps_its_cursor_until_a_run_reads_every_page() -> Result<()> {
     let t = TestNats::new().await?;
-    let server = JsonServer::start(
-        &json!({"events": (1..=30).map(|i| event(i, &at(i))).collect::<Vec<_>>()}),
-    )
-    .await?;
+    let server = sorted_server(30).await?;
     let cut = env(
         &t,
         json_server_source(
@@ -405,10 +380,7 @@ async fn a_source_declared_unsorted_keeps_its_cursor_until_a_run_reads_every_pag
 #[tokio::test]
 async fn a_next_link_that_never_advances_fails_at_once() -> Result<()> {
     let t = TestNats::new().await?;
-    let server = JsonServer::start(
-        &json!({"events": (1..=4).map(|i| event(i, &at(i))).collect::<Vec<_>>()}),
-    )
-    .await?;
+    let server = sorted_server(4).await?;
     let e = env(
         &t,
         json_server_source(&server, "_page=0", json!({"max_pages": 50, "page_size": 2})),
@@ -430,10 +402,7 @@ async fn a_next_link_that_never_advances_fails_at_once() -> Result<()> {
 #[tokio::test]
 async fn reaching_max_pages_is_incomplete_and_the_next_run_continues() -> Result<()> {
     let t = TestNats::new().await?;
-    let server = JsonServer::start(
-        &json!({"events": (1..=45).map(|i| event(i, &at(i))).collect::<Vec<_>>()}),
-    )
-    .await?;
+    let server = sorted_server(45).await?;
     let e = env(
         &t,
         json_server_source(
@@ -465,10 +434,7 @@ async fn reaching_max_pages_is_incomplete_and_the_next_run_continues() -> Result
 #[tokio::test]
 async fn a_full_page_with_no_next_page_is_reported() -> Result<()> {
     let t = TestNats::new().await?;
-    let server = JsonServer::start(
-        &json!({"events": (1..=25).map(|i| event(i, &at(i))).collect::<Vec<_>>()}),
-    )
-    .await?;
+    let server = sorted_server(25).await?;
     // Without `_page`, json-server sends the first `_limit` records and no Link header.
     let e = env(
         &t,

@@ -89,7 +89,11 @@ impl Respond for LegacyApi {
 }
 
 /// The fetcher environment for one test: NATS under the test's prefix, the given sources.
-fn env(t: &TestNats, sources: Value, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(super) fn env(
+    t: &TestNats,
+    sources: Value,
+    extra: &[(&str, &str)],
+) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = [
         ("NATS_URL", t.url.as_str()),
         ("TARDIS_PREFIX", t.prefix.as_str()),
@@ -111,7 +115,7 @@ fn env(t: &TestNats, sources: Value, extra: &[(&str, &str)]) -> BTreeMap<String,
 
 /// Records the waits between retries instead of sleeping.
 #[derive(Debug, Default)]
-struct RecordingSleeper(Mutex<Vec<Duration>>);
+pub(super) struct RecordingSleeper(pub(super) Mutex<Vec<Duration>>);
 
 impl Sleeper for RecordingSleeper {
     fn sleep(
@@ -130,7 +134,7 @@ async fn run_in_process(
     run_recording(env, command, Arc::new(RecordingSleeper::default())).await
 }
 
-async fn run_recording(
+pub(super) async fn run_recording(
     env: &BTreeMap<String, String>,
     command: fetcher::Command,
     sleeper: Arc<RecordingSleeper>,

@@ -254,23 +254,7 @@ async fn replays_and_out_of_order_versions_leave_one_row_per_record_with_the_new
     publish(&t, &older).await?;
     let running = start(&e)?;
     wait_rows(&db, 3, Duration::from_secs(30)).await?;
-    wait_for(
-        "the enriched stream to drain",
-        Duration::from_secs(30),
-        || async {
-            Ok((t
-                .jetstream()
-                .get_stream(t.names().stream(StreamKind::Enriched))
-                .await?
-                .info()
-                .await?
-                .state
-                .messages
-                == 0)
-                .then_some(()))
-        },
-    )
-    .await?;
+    drained(&t).await?;
     let client = db.connect().await?;
     let rows = client.query("SELECT record_id, payload->>'text', xmin::text::bigint FROM records ORDER BY record_id", &[]).await?;
     let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -299,23 +283,7 @@ async fn replays_and_out_of_order_versions_leave_one_row_per_record_with_the_new
     // An identical replay of everything: no row is touched.
     publish(&t, &newer).await?;
     publish(&t, &older).await?;
-    wait_for(
-        "the replays to be consumed",
-        Duration::from_secs(30),
-        || async {
-            Ok((t
-                .jetstream()
-                .get_stream(t.names().stream(StreamKind::Enriched))
-                .await?
-                .info()
-                .await?
-                .state
-                .messages
-                == 0)
-                .then_some(()))
-        },
-    )
-    .await?;
+    drained(&t).await?;
     let after: Vec<i64> = client
         .query(
             "SELECT xmin::text::bigint FROM records ORDER BY record_id",
@@ -653,21 +621,14 @@ fn untimed_chunk(n: u64, text: &str, fetched_at: DateTime<Utc>) -> EnrichedChunk
     c
 }
 
+/// Waits until the writer consumed everything in the enriched stream.
 async fn drained(t: &TestNats) -> Result<()> {
     wait_for(
         "the enriched stream to drain",
         Duration::from_secs(30),
         || async {
-            Ok((t
-                .jetstream()
-                .get_stream(t.names().stream(StreamKind::Enriched))
-                .await?
-                .info()
-                .await?
-                .state
-                .messages
-                == 0)
-                .then_some(()))
+            let left = stream_messages_left(t, StreamKind::Enriched).await?;
+            Ok((left == 0).then_some(()))
         },
     )
     .await
@@ -824,21 +785,7 @@ async fn nothing_the_writer_cannot_read_is_dropped() -> Result<()> {
     );
     // The newer run report is handed back, again and again, and counted: never dropped.
     assert_eq!(stream_messages_left(&t, StreamKind::Runs).await?, 1);
-    wait_for(
-        "the newer message to be counted",
-        Duration::from_secs(30),
-        || async {
-            let (_, metrics) =
-                crate::harness::http_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
-            Ok(metrics
-                .lines()
-                .any(|l| {
-                    l.starts_with("tardis_writer_unreadable_total{") && l.contains("newer_version")
-                })
-                .then_some(()))
-        },
-    )
-    .await?;
+    wait_metric(port, "tardis_writer_unreadable_total{", "newer_version").await?;
     assert_eq!(count(&db, "SELECT count(*) FROM fetch_runs").await?, 0);
     stop(running).await
 }
@@ -863,22 +810,26 @@ async fn a_stuck_lock_cannot_hold_a_batch_forever() -> Result<()> {
         &chunk("s", &[("1", "2026-11-01T10:00:00Z", "behind a lock")]),
     )
     .await?;
+    // The writer gives up on the blocked statement and says so.
+    wait_metric(port, "tardis_writer_failures_total{", "kind=\"timeout\"").await?;
+    blocker.batch_execute("ROLLBACK").await?;
+    wait_rows(&db, 1, Duration::from_secs(30)).await?;
+    stop(running).await
+}
+
+/// Waits until the worker on `port` exports a `metric` series whose labels contain `label`.
+async fn wait_metric(port: u16, metric: &str, label: &str) -> Result<()> {
     wait_for(
-        "the writer to give up on the blocked statement",
+        &format!("{metric}…{label} in /metrics"),
         Duration::from_secs(30),
         || async {
             let (_, metrics) =
                 crate::harness::http_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
             Ok(metrics
                 .lines()
-                .any(|l| {
-                    l.starts_with("tardis_writer_failures_total{") && l.contains("kind=\"timeout\"")
-                })
+                .any(|l| l.starts_with(metric) && l.contains(label))
                 .then_some(()))
         },
     )
-    .await?;
-    blocker.batch_execute("ROLLBACK").await?;
-    wait_rows(&db, 1, Duration::from_secs(30)).await?;
-    stop(running).await
+    .await
 }
