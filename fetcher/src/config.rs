@@ -18,13 +18,16 @@ use tardis_common::telemetry::TelemetrySettings;
 #[command(name = "fetcher", version, about)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<CliCommand>,
 }
 
+/// The command line as typed: values are checked by the configuration reader, so a bad one
+/// exits 64 with the same kind of message as a bad environment variable.
 #[derive(Debug, Clone, Subcommand, PartialEq, Eq)]
-pub enum Command {
+pub enum CliCommand {
     /// One pass over the selected sources (default: all), then exit: 0 when every source
-    /// succeeded (or was skipped because another fetcher holds it), 1 otherwise.
+    /// succeeded (or was skipped because another fetcher holds it), 1 when one failed, 3 when
+    /// one stopped at max_pages.
     Run {
         /// A source to fetch (repeatable).
         #[arg(long = "source", env = "FETCH_SOURCES", value_delimiter = ',')]
@@ -41,10 +44,25 @@ pub enum Command {
         #[arg(long, env = "BACKFILL_SOURCE")]
         source: String,
         /// Start of the window (RFC 3339), inclusive.
-        #[arg(long, env = "BACKFILL_SINCE", value_parser = parse_time)]
-        since: DateTime<Utc>,
+        #[arg(long, env = "BACKFILL_SINCE")]
+        since: String,
         /// End of the window (RFC 3339), exclusive; default: no end.
-        #[arg(long, env = "BACKFILL_UNTIL", value_parser = parse_time)]
+        #[arg(long, env = "BACKFILL_UNTIL")]
+        until: Option<String>,
+    },
+}
+
+/// What to do, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// One pass over the selected sources (default: all).
+    Run { sources: Vec<String> },
+    /// Each source on its own schedule.
+    Daemon { run_at_start: bool },
+    /// A historical window of one source, cursor untouched.
+    Backfill {
+        source: String,
+        since: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
     },
 }
@@ -58,9 +76,47 @@ impl Default for Command {
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
+    DateTime::parse_from_rfc3339(s.trim())
         .map(|t| t.to_utc())
-        .map_err(|e| format!("{e}; give an RFC 3339 time such as 2026-01-01T00:00:00Z"))
+        .map_err(|e| format!("is not an RFC 3339 time ({e}): {s:?}"))
+}
+
+impl CliCommand {
+    /// The checked command; every bad value is a problem for `r`.
+    fn check(self, r: &mut Reader<'_>) -> Command {
+        match self {
+            CliCommand::Run { sources } => Command::Run { sources },
+            CliCommand::Daemon { run_at_start } => Command::Daemon { run_at_start },
+            CliCommand::Backfill {
+                source,
+                since,
+                until,
+            } => {
+                let mut time = |key: &str, value: &str| match parse_time(value) {
+                    Ok(t) => Some(t),
+                    Err(problem) => {
+                        r.problem(
+                            key,
+                            problem,
+                            format!(
+                                "give an RFC 3339 time, for example {key} 2026-01-01T00:00:00Z"
+                            ),
+                        );
+                        None
+                    }
+                };
+                let since_t = time("--since (BACKFILL_SINCE)", &since);
+                let until_t = until
+                    .as_deref()
+                    .and_then(|u| time("--until (BACKFILL_UNTIL)", u));
+                Command::Backfill {
+                    source,
+                    since: since_t.unwrap_or(DateTime::<Utc>::MIN_UTC),
+                    until: until_t,
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +133,24 @@ pub struct Config {
 impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Self::from_env_with(env, Command::default())
+    }
+
+    /// The configuration for the command line as typed: a bad flag value is reported with
+    /// the environment's problems (exit 64).
+    pub fn from_cli(env: &dyn Env, cli: Option<CliCommand>) -> Result<Self, ConfigError> {
+        let Some(cli) = cli else {
+            return Self::from_env(env);
+        };
+        let mut r = Reader::new(env);
+        let command = cli.check(&mut r);
+        match (r.finish(), Self::from_env_with(env, command)) {
+            (Ok(()), result) => result,
+            (Err(mut cli_problems), Err(env_problems)) => {
+                cli_problems.problems.extend(env_problems.problems);
+                Err(cli_problems)
+            }
+            (Err(cli_problems), Ok(_)) => Err(cli_problems),
+        }
     }
 
     /// The configuration for `command` (validated against the sources).

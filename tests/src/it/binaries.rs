@@ -312,6 +312,34 @@ async fn invalid_configuration_exits_64_with_the_message_on_stderr() -> Result<(
     Ok(())
 }
 
+#[tokio::test]
+async fn a_bad_command_line_value_exits_64_like_a_bad_variable() -> Result<()> {
+    let mut env = legacy_env();
+    env.insert("CHUNK_SIZE".into(), "0".into());
+    let out = Command::new(bins::bin("fetcher")?)
+        .args([
+            "backfill",
+            "--source",
+            "market_data",
+            "--since",
+            "yesterday",
+        ])
+        .env_clear()
+        .envs(&env)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--since (BACKFILL_SINCE): is not an RFC 3339 time"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("CHUNK_SIZE: must be a positive integer, got 0"),
+        "every problem at once: {stderr}"
+    );
+    Ok(())
+}
+
 /// A one-shot HTTP server that records the first request's line and body length.
 async fn capture_one_request(listener: tokio::net::TcpListener) -> Result<(String, usize)> {
     let (mut socket, _) = listener.accept().await?;
