@@ -6,9 +6,11 @@
 //! * [`protocol`], [`schema`]: the wire protocol and validation, pure;
 //! * [`llm`]: the HTTP client with client-side limits and failure classes;
 //! * [`enrich`]: one batch — retries, splitting, dead letters;
-//! * [`pipeline`]: pulling, batching across chunks, heartbeats, publishing, acking.
+//! * [`batching`]: batches across chunks by count, token budget and linger, pure;
+//! * [`pipeline`]: pulling, heartbeats, publishing each chunk's outcome, acking.
 #![forbid(unsafe_code)]
 
+pub mod batching;
 pub mod config;
 pub mod enrich;
 pub mod llm;

@@ -392,35 +392,13 @@ impl Pipeline {
         chunks: Chunks,
         tasks: TaskTracker,
     ) {
+        let rule = crate::batching::Rule {
+            max_records: self.batch_size,
+            max_tokens: self.max_input_tokens,
+            linger: self.linger,
+        };
         let mut carry: Option<Item> = None;
-        loop {
-            let first = match carry.take() {
-                Some(i) => i,
-                None => match rx.recv().await {
-                    Some(i) => i,
-                    None => return,
-                },
-            };
-            let deadline = tokio::time::Instant::now() + self.linger;
-            let mut tokens = first.tokens;
-            // Ids must be unique within a request (the model answers by id); records of
-            // different sources may share one, so such a record waits for the next batch.
-            let mut ids = std::collections::HashSet::from([first.id.clone()]);
-            let mut batch = vec![first];
-            while batch.len() < self.batch_size {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => {
-                        if tokens + item.tokens > self.max_input_tokens || ids.contains(&item.id) {
-                            carry = Some(item);
-                            break;
-                        }
-                        ids.insert(item.id.clone());
-                        tokens += item.tokens;
-                        batch.push(item);
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        while let Some(batch) = crate::batching::next_batch(&mut rx, &mut carry, &rule).await {
             let this = self.clone();
             let chunks = chunks.clone();
             let tasks2 = tasks.clone();
