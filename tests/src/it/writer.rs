@@ -555,12 +555,21 @@ async fn a_message_postgres_always_rejects_is_dead_lettered_without_blocking_the
         .provision(&t.jetstream(), &[StreamKind::DeadLetters], &[], false)
         .await?;
     publish(&t, &chunk("s", &[("1", "2026-11-01T10:00:00Z", "fine")])).await?;
-    // Valid JSON that Postgres's jsonb refuses: a NUL character.
-    publish(
-        &t,
-        &chunk("s", &[("2", "2026-11-01T10:00:01Z", "bad \u{0000} byte")]),
-    )
-    .await?;
+    // Valid JSON that Postgres's jsonb refuses: a NUL character. The chunk also carries a
+    // record the enricher gave up on, which must not vanish with it.
+    let mut refused = chunk("s", &[("2", "2026-11-01T10:00:01Z", "bad \u{0000} byte")]);
+    refused.dead.push(messages::DeadRecord {
+        record: SourceRecord {
+            id: "2b".into(),
+            updated_at: None,
+            payload: serde_json::value::RawValue::from_string(r#"{"id":"2b"}"#.into())?,
+        },
+        reason: "no valid enrichment after 3 attempts".into(),
+        attempts: 3,
+        last_error: None,
+        failed_at: Utc::now(),
+    });
+    publish(&t, &refused).await?;
     publish(
         &t,
         &chunk("s", &[("3", "2026-11-01T10:00:02Z", "fine too")]),
@@ -590,6 +599,20 @@ async fn a_message_postgres_always_rejects_is_dead_lettered_without_blocking_the
         .await?
         .get(0);
     assert!(reason.contains("Postgres rejected it 2 times"), "{reason}");
+    wait_for(
+        "the chunk's dead record in dead_letters",
+        Duration::from_secs(30),
+        || async {
+            Ok((count(
+                &db,
+                "SELECT count(*) FROM dead_letters WHERE record_id = '2b'",
+            )
+            .await?
+                == 1)
+                .then_some(()))
+        },
+    )
+    .await?;
     let ids: Vec<String> = db
         .connect()
         .await?
