@@ -73,7 +73,8 @@ enum Decoded {
 enum WriteError {
     /// Postgres unreachable: nak, pause pulling until it answers.
     Connection(String),
-    /// The data was refused (SQLSTATE classes 22, 23): isolate, then dead-letter.
+    /// The data was refused (SQLSTATE classes 22, 23, 54, and 21000): isolate, then
+    /// dead-letter.
     Data(String),
     /// `statement_timeout`, `idle_in_transaction_session_timeout`, a lock or serialization
     /// conflict (57014, 25P03, 55P03, 40001, 40P01): nak with a delay and try again.
@@ -83,7 +84,16 @@ enum WriteError {
 /// The class of a failure from its SQLSTATE (pure).
 fn classify_code(code: Option<&str>, text: String) -> WriteError {
     match code {
-        Some(c) if c.starts_with("22") || c.starts_with("23") => WriteError::Data(text),
+        // Data exceptions, integrity violations, a value past a limit (an index row too
+        // large), a cardinality violation: this data can never be written.
+        Some(c)
+            if c.starts_with("22")
+                || c.starts_with("23")
+                || c.starts_with("54")
+                || c == "21000" =>
+        {
+            WriteError::Data(text)
+        }
         Some("57014" | "25P03" | "55P03" | "40001" | "40P01") => WriteError::Busy(text),
         _ => WriteError::Connection(text),
     }
@@ -516,9 +526,9 @@ impl Loop {
                 return;
             }
             (Some(Decoded::Chunk(c)), _) => c
-                .records
-                .iter()
-                .map(|r| DeadLetter {
+                .dead_letters()
+                .into_iter()
+                .chain(c.records.iter().map(|r| DeadLetter {
                     schema_version: SCHEMA_VERSION,
                     source: c.source.clone(),
                     stage: Stage::Write,
@@ -533,7 +543,7 @@ impl Loop {
                     attempts: msg.info().map(|i| i.delivered as u32).unwrap_or(1),
                     last_error: Some(reason.to_string()),
                     failed_at: Utc::now(),
-                })
+                }))
                 .collect(),
             _ => {
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -587,6 +597,12 @@ mod tests {
         let c = |code: Option<&str>| classify_code(code, String::new());
         assert_eq!(c(Some("23505")), WriteError::Data(String::new()));
         assert_eq!(c(Some("22P02")), WriteError::Data(String::new()));
+        assert_eq!(
+            c(Some("54000")),
+            WriteError::Data(String::new()),
+            "an id too long for the index"
+        );
+        assert_eq!(c(Some("21000")), WriteError::Data(String::new()));
         for busy in ["57014", "25P03", "55P03", "40001", "40P01"] {
             assert_eq!(c(Some(busy)), WriteError::Busy(String::new()), "{busy}");
         }
