@@ -146,6 +146,9 @@ impl Collector {
         };
         // The run stops if the lease is lost (another fetcher took it after we stalled).
         let run_token = shutdown.child_token();
+        // Whatever ends this run, even a panic, stops the lease keeper: a lease must never
+        // outlive its run.
+        let _stop_keeper = run_token.clone().drop_guard();
         let lease_lost = Arc::new(AtomicBool::new(false));
         let renewer = tokio::spawn(keep_lease(
             self.state.clone(),
@@ -358,9 +361,11 @@ impl Collector {
                 self.on_first_disorder(source, advance, progress).await?;
             }
             let token_for_page = pager.current_token().map(str::to_string);
+            // Past the window's end: only a sorted source says so with one page.
             let beyond_window = match mode {
                 Mode::Backfill { until: Some(u), .. } => {
-                    source.updated_at_pointer.is_some()
+                    source.order == crate::sources::Order::Sorted
+                        && source.updated_at_pointer.is_some()
                         && on_page > 0
                         && records
                             .iter()
@@ -384,9 +389,11 @@ impl Collector {
                 records: on_page,
             });
             drop(page);
-            // The run's last page carries an unsorted source's cursor for the whole run.
+            // The run's last page carries an unsorted source's cursor for the whole run; only
+            // when the source said it was the last page: a full page with no way on proves
+            // nothing.
             let final_cursor =
-                (incremental && advance.unsorted() && matches!(step, Ok(Step::End(_))))
+                (incremental && advance.unsorted() && matches!(step, Ok(Step::End(End::LastPage))))
                     .then(|| advance.at_end(progress.cursor.clone()));
             self.publish_page(
                 source,

@@ -351,11 +351,22 @@ impl SourceClient {
                 Attempt::Fail(error)
             };
         }
-        let link = response
-            .headers()
-            .get(LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        // Every `Link` field, joined (RFC 9110 §5.3); a field that is not text fails the
+        // source rather than reading as "no next page".
+        let mut fields = Vec::new();
+        for v in response.headers().get_all(LINK) {
+            match std::str::from_utf8(v.as_bytes()) {
+                Ok(text) => fields.push(text.to_string()),
+                Err(_) => {
+                    return Attempt::Fail(FetchError::BadPage {
+                        source_name: name,
+                        url: shown,
+                        problem: "a Link header is not valid UTF-8".into(),
+                    });
+                }
+            }
+        }
+        let link = (!fields.is_empty()).then(|| fields.join(", "));
         let limit = self.source.max_page_bytes;
         let too_large = || {
             Attempt::Fail(FetchError::TooLarge {

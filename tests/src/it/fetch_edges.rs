@@ -672,7 +672,9 @@ async fn a_fetcher_that_lost_its_lease_cannot_move_the_cursor() -> Result<()> {
 
 /// Pages of 2 records; the `next` link comes in a second `Link` header field.
 #[derive(Clone)]
-struct TwoLinkFields;
+struct TwoLinkFields {
+    base: String,
+}
 
 impl Respond for TwoLinkFields {
     fn respond(&self, req: &Request) -> ResponseTemplate {
@@ -685,7 +687,7 @@ impl Respond for TwoLinkFields {
         let data: Vec<Value> = (2 * page - 1..=2 * page)
             .map(|i| event(i, &at(i)))
             .collect();
-        let base = format!("{}://{}", req.url.scheme(), req.url.authority());
+        let base = &self.base;
         let mut r = ResponseTemplate::new(200)
             .set_body_json(data)
             .append_header("link", format!("<{base}/e?p=1>; rel=\"first\"").as_str());
@@ -704,13 +706,15 @@ async fn a_next_link_in_a_second_link_field_is_followed() -> Result<()> {
     let t = TestNats::new().await?;
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .respond_with(TwoLinkFields)
+        .respond_with(TwoLinkFields { base: server.uri() })
         .mount(&server)
         .await;
     let sources = json!([{"name": "s", "url": format!("{}/e?p=1", server.uri()), "auth_type": "none",
         "pagination": {"type": "link"}, "records_pointer": "/", "page_size": 2,
         "since_param": null, "after_id_param": null, "initial_lookback": "3650d"}]);
-    assert_eq!(run(&env(&t, sources, &[])).await?, ExitCode::SUCCESS);
+    let code = run(&env(&t, sources, &[])).await?;
+    let report = last_run(&t).await?;
+    assert_eq!(code, ExitCode::SUCCESS, "{report}");
     assert_eq!(ids_of(&chunks(&t).await?), vec![1, 2, 3, 4, 5, 6]);
     Ok(())
 }
