@@ -7,6 +7,7 @@
 //! * [`llm`]: the HTTP client with client-side limits and failure classes;
 //! * [`enrich`]: one batch — retries, splitting, dead letters;
 //! * [`batching`]: batches across chunks by count, token budget and linger, pure;
+//! * [`outcome`]: a chunk's outcome as messages (enriched and dead records, parts), pure;
 //! * [`pipeline`]: pulling, heartbeats, publishing each chunk's outcome, acking.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod enrich;
 pub mod llm;
 pub mod metrics;
+pub mod outcome;
 pub mod pipeline;
 pub mod protocol;
 pub mod schema;

@@ -1,0 +1,323 @@
+//! A record chunk's outcome as messages, pure: each record enriched or dead ([`decide`]), in
+//! one `EnrichedChunk`, or in parts `k/n` of consecutive records when that is larger than the
+//! NATS max payload ([`outcome_messages`]); a record whose outcome alone cannot fit is
+//! dead-lettered with that reason.
+
+use chrono::Utc;
+use tardis_common::messages::{
+    self, DeadRecord, ENRICHED_CHUNK_VERSION, EnrichedChunk, EnrichedRecord, RecordChunk,
+};
+
+use crate::enrich::Outcome;
+
+/// What became of one record of a chunk.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Enriched(EnrichedRecord),
+    Dead(DeadRecord),
+}
+
+/// Each record of `chunk` (in chunk order) enriched or dead.
+pub fn decide(
+    chunk: &RecordChunk,
+    outcomes: Vec<Option<Outcome>>,
+    model: &str,
+    prompt_version: &str,
+    now: chrono::DateTime<Utc>,
+) -> Vec<Decision> {
+    chunk
+        .records
+        .iter()
+        .zip(outcomes)
+        .map(|(record, outcome)| match outcome {
+            Some(Outcome::Enriched { enrichment, usage }) => Decision::Enriched(EnrichedRecord {
+                id: record.id.clone(),
+                updated_at: record.updated_at,
+                payload: record.payload.clone(),
+                enrichment,
+                model: model.to_string(),
+                prompt_version: prompt_version.to_string(),
+                usage,
+                enriched_at: now,
+            }),
+            Some(Outcome::Dead {
+                reason,
+                attempts,
+                last_error,
+            }) => Decision::Dead(DeadRecord {
+                record: record.clone(),
+                reason,
+                attempts,
+                last_error,
+                failed_at: now,
+            }),
+            // Only complete chunks are finalized, so this is a bug: say so rather than drop it.
+            None => Decision::Dead(DeadRecord {
+                record: record.clone(),
+                reason: "internal error: no outcome was recorded for this record".into(),
+                attempts: 0,
+                last_error: None,
+                failed_at: now,
+            }),
+        })
+        .collect()
+}
+
+/// The message holding `decisions` (records `k`-th of `n` parts of `chunk`).
+fn assemble(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    part: Option<(u32, u32)>,
+) -> EnrichedChunk {
+    let mut records = Vec::new();
+    let mut dead = Vec::new();
+    for d in decisions {
+        match d {
+            Decision::Enriched(r) => records.push(r.clone()),
+            Decision::Dead(r) => dead.push(r.clone()),
+        }
+    }
+    let last = part.is_none_or(|(k, n)| k == n);
+    EnrichedChunk {
+        schema_version: ENRICHED_CHUNK_VERSION,
+        source: chunk.source.clone(),
+        chunk_id: chunk.chunk_id.clone(),
+        run_id: chunk.run_id.clone(),
+        chunk_seq: chunk.chunk_seq,
+        records,
+        dead,
+        // The checkpoint moves with the last part only.
+        cursor_after: if last {
+            chunk.cursor_after.clone()
+        } else {
+            None
+        },
+        fetched_at: chunk.fetched_at,
+        part,
+    }
+}
+
+/// Why an outcome cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    #[error("encoding failed: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("one record's outcome is larger than the NATS max payload of {max} bytes")]
+    RecordTooLarge { max: usize },
+}
+
+/// Each decision as one that fits alone in `limit` bytes: an enriched record too large to
+/// publish is dead-lettered with that reason (the record's fault); a dead record too large
+/// keeps the head of its payload.
+fn fit_each(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    limit: usize,
+) -> Result<Vec<Decision>, SplitError> {
+    let mut out = Vec::with_capacity(decisions.len());
+    for d in decisions {
+        let size = messages::encode(&assemble(chunk, std::slice::from_ref(d), Some((1, 1))))?.len();
+        if size <= limit {
+            out.push(d.clone());
+            continue;
+        }
+        let (record, attempts, now) = match d {
+            Decision::Enriched(r) => (
+                tardis_common::messages::SourceRecord {
+                    id: r.id.clone(),
+                    updated_at: r.updated_at,
+                    payload: r.payload.clone(),
+                },
+                1,
+                r.enriched_at,
+            ),
+            Decision::Dead(r) => (r.record.clone(), r.attempts, r.failed_at),
+        };
+        let reason =
+            format!("the record's outcome is {size} bytes, more than the NATS max payload allows");
+        let mut dead = DeadRecord {
+            record,
+            reason: reason.clone(),
+            attempts,
+            last_error: Some(reason),
+            failed_at: now,
+        };
+        let alone = |dead: &DeadRecord| {
+            messages::encode(&assemble(
+                chunk,
+                &[Decision::Dead(dead.clone())],
+                Some((1, 1)),
+            ))
+            .map(|b| b.len())
+        };
+        if alone(&dead)? > limit {
+            let text = dead.record.payload.get();
+            let head: String = text.chars().take(4096).collect();
+            let stub =
+                serde_json::json!({"truncated": true, "original_bytes": text.len(), "head": head});
+            dead.record.payload = serde_json::value::RawValue::from_string(stub.to_string())?;
+        }
+        out.push(Decision::Dead(dead));
+    }
+    Ok(out)
+}
+
+/// The outcome of `chunk` as one message, or, when that is larger than `max_payload`, as the
+/// fewest parts (2, 4, 8, ...) that each fit. Part `k` of `n` always holds the same records
+/// of the chunk (consecutive, by position), so two rounds that split alike decide each record
+/// in the same message id.
+pub fn outcome_messages(
+    chunk: &RecordChunk,
+    decisions: &[Decision],
+    max_payload: usize,
+) -> Result<Vec<EnrichedChunk>, SplitError> {
+    // Leave room for headers.
+    let limit = max_payload.saturating_sub(1024);
+    let fitted = fit_each(chunk, decisions, limit)?;
+    let decisions = fitted.as_slice();
+    let whole = assemble(chunk, decisions, None);
+    if messages::encode(&whole)?.len() <= limit {
+        return Ok(vec![whole]);
+    }
+    let mut n = 2usize;
+    while n / 2 < decisions.len() {
+        let per = decisions.len().div_ceil(n);
+        let parts: Vec<EnrichedChunk> = (0..n)
+            .map(|k| {
+                let from = (k * per).min(decisions.len());
+                let to = ((k + 1) * per).min(decisions.len());
+                assemble(chunk, &decisions[from..to], Some((k as u32 + 1, n as u32)))
+            })
+            .collect();
+        let mut fits = true;
+        for p in &parts {
+            if messages::encode(p)?.len() > limit {
+                fits = false;
+                break;
+            }
+        }
+        if fits {
+            return Ok(parts);
+        }
+        n *= 2;
+    }
+    Err(SplitError::RecordTooLarge { max: max_payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+    use tardis_common::messages::{SCHEMA_VERSION, SourceRecord, Usage};
+
+    fn chunk(n: usize, size: usize) -> RecordChunk {
+        let records: Vec<SourceRecord> = (0..n)
+            .map(|i| SourceRecord {
+                id: i.to_string(),
+                updated_at: None,
+                payload: RawValue::from_string(format!("{{\"t\":\"{}\"}}", "x".repeat(size)))
+                    .unwrap(),
+            })
+            .collect();
+        RecordChunk {
+            schema_version: SCHEMA_VERSION,
+            source: "s".into(),
+            chunk_id: messages::chunk_id("s", &records),
+            run_id: "r".into(),
+            chunk_seq: 0,
+            records,
+            cursor_after: Some(tardis_common::messages::Cursor::Token { token: "t".into() }),
+            fetched_at: Utc::now(),
+        }
+    }
+
+    fn outcomes(n: usize) -> Vec<Option<Outcome>> {
+        (0..n)
+            .map(|i| {
+                Some(if i % 3 == 1 {
+                    Outcome::Dead {
+                        reason: "bad".into(),
+                        attempts: 3,
+                        last_error: None,
+                    }
+                } else {
+                    Outcome::Enriched {
+                        enrichment: serde_json::json!({"sentiment": "positive"}),
+                        usage: Usage::default(),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_record_is_in_the_one_outcome_message() {
+        let c = chunk(6, 10);
+        let d = decide(&c, outcomes(6), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 1 << 20).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].records.len() + msgs[0].dead.len(), 6);
+        assert_eq!(msgs[0].dead.len(), 2);
+        assert_eq!(msgs[0].msg_id(), format!("enr:s:{}", c.chunk_id));
+        assert!(msgs[0].cursor_after.is_some());
+    }
+
+    #[test]
+    fn an_outcome_too_large_is_cut_in_parts_by_position() {
+        let c = chunk(8, 3000);
+        let d = decide(&c, outcomes(8), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
+        assert_eq!(msgs.len(), 4, "two records of ~3 KB per part");
+        let ids: Vec<Vec<String>> = msgs
+            .iter()
+            .map(|m| {
+                let mut ids: Vec<String> = m.records.iter().map(|r| r.id.clone()).collect();
+                ids.extend(m.dead.iter().map(|d| d.record.id.clone()));
+                ids.sort();
+                ids
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                vec!["0", "1"],
+                vec!["2", "3"],
+                vec!["4", "5"],
+                vec!["6", "7"]
+            ]
+        );
+        assert_eq!(msgs[3].msg_id(), format!("enr:s:{}:4/4", c.chunk_id));
+        assert!(msgs[..3].iter().all(|m| m.cursor_after.is_none()));
+        assert!(
+            msgs[3].cursor_after.is_some(),
+            "the last part moves the checkpoint"
+        );
+        // Another round with other decisions cuts the same way.
+        let mut other = outcomes(8);
+        other.reverse();
+        let d2 = decide(&c, other, "m", "p", Utc::now());
+        let again = outcome_messages(&c, &d2, 10_000).unwrap();
+        assert_eq!(again.len(), 4);
+        for (a, b) in msgs.iter().zip(&again) {
+            assert_eq!(a.msg_id(), b.msg_id());
+        }
+    }
+
+    #[test]
+    fn a_record_whose_outcome_cannot_fit_is_dead_lettered_not_retried_forever() {
+        let c = chunk(2, 20_000);
+        let d = decide(&c, outcomes(2), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
+        let dead: Vec<&DeadRecord> = msgs.iter().flat_map(|m| m.dead.iter()).collect();
+        assert_eq!(dead.len(), 2);
+        assert!(
+            dead[0].reason.contains("NATS max payload"),
+            "{}",
+            dead[0].reason
+        );
+        assert!(dead[0].record.payload.get().contains("\"truncated\":true"));
+        for m in &msgs {
+            assert!(messages::encode(m).unwrap().len() <= 10_000);
+        }
+    }
+}
