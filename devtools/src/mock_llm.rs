@@ -39,6 +39,9 @@ pub struct MockConfig {
     pub rpm: Option<u64>,
     /// Tokens (prompt + completion) per minute allowed; more get 429.
     pub tpm: Option<u64>,
+    /// The sliding window `rpm` and `tpm` count over, in seconds (default 60). Tests shorten
+    /// it to see a minute's behaviour in seconds: `rpm: 20` over 10 s is 120 a minute.
+    pub window_secs: Option<u64>,
     /// Fractions of requests, in [0, 1].
     pub fail_rate: f64,
     pub invalid_json_rate: f64,
@@ -63,6 +66,8 @@ struct Counters {
     tokens: u64,
     calls_per_id: HashMap<String, u64>,
     window: VecDeque<(tokio::time::Instant, u64)>,
+    /// The most requests accepted within one window.
+    peak_window_requests: u64,
     /// Completion tokens served in the last minute (prompt tokens are in `window`).
     completions: VecDeque<(tokio::time::Instant, u64)>,
     last_request: Option<Value>,
@@ -106,6 +111,7 @@ impl Mock {
             "failed": c.failed,
             "served": c.served,
             "tokens": c.tokens,
+            "peak_window_requests": c.peak_window_requests,
             "calls_per_id": c.calls_per_id,
             "last_request": c.last_request,
         })
@@ -309,6 +315,7 @@ async fn completions(
 
     // Count, rate-limit, and pick this request's faults.
     let now = tokio::time::Instant::now();
+    let window = Duration::from_secs(config.window_secs.unwrap_or(60).max(1));
     let (n, limited) = {
         let mut c = mock
             .counters
@@ -320,14 +327,14 @@ async fn completions(
         while c
             .window
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
         {
             c.window.pop_front();
         }
         while c
             .completions
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
         {
             c.completions.pop_front();
         }
@@ -343,11 +350,12 @@ async fn completions(
         let limited = if over_rpm || over_tpm {
             c.throttled += 1;
             let reset = c.window.front().map_or(Duration::from_secs(1), |(t, _)| {
-                Duration::from_secs(60).saturating_sub(now.duration_since(*t))
+                window.saturating_sub(now.duration_since(*t))
             });
             Some((reset, used_requests, used_tokens))
         } else {
             c.window.push_back((now, prompt_tokens));
+            c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
             for r in &records {
                 let id = r
                     .get("id")

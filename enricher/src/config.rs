@@ -40,9 +40,13 @@ pub struct LlmSettings {
     pub temperature: f64,
     /// `LLM_RESPONSE_FORMAT`: `json_object` (default), `json_schema`, `none`.
     pub response_format: ResponseFormat,
-    /// `LLM_RPM`, `LLM_TPM`: client-side limits per replica (unset: none).
+    /// `LLM_RPM`, `LLM_TPM`: the provider's limits, for the whole fleet of enrichers sharing
+    /// `TARDIS_PREFIX` (unset: the provider's announced limits, or found by backing off 429s).
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
+    /// `LLM_TPM_COUNTS_MAX_TOKENS`: the provider counts a request's `max_tokens` against
+    /// `LLM_TPM` (OpenAI, Azure OpenAI do), default false: the calibrated expected answer.
+    pub tpm_counts_max_tokens: bool,
     /// `LLM_CONCURRENCY`: requests in flight per replica, default 4.
     pub concurrency: u32,
     /// `LLM_PRICE_INPUT_PER_MTOK` / `LLM_PRICE_OUTPUT_PER_MTOK`: USD per million tokens, default 0.42.
@@ -72,6 +76,10 @@ pub struct EnrichSettings {
     pub max_deliver: Option<u32>,
     /// `ENRICH_MAX_IN_FLIGHT`: chunks held at once per replica, default 16.
     pub max_in_flight: u32,
+    /// `ENRICH_MAX_REPLICAS`: the most replicas the autoscaler may run (its `maxReplicaCount`),
+    /// default 10. The shared consumer lets `ENRICH_MAX_IN_FLIGHT` × this many chunks be
+    /// unacknowledged at once, so every replica up to it gets work.
+    pub max_replicas: u32,
     /// `ENRICH_BATCH_LINGER`: how long a partial batch waits for more records, default 100 ms.
     pub linger: Duration,
     /// `ENRICH_SHUTDOWN_GRACE`: how long in-flight chunks may finish after SIGTERM before they
@@ -147,6 +155,7 @@ impl LlmSettings {
             response_format,
             rpm: optional(r, "LLM_RPM"),
             tpm: optional(r, "LLM_TPM"),
+            tpm_counts_max_tokens: r.bool("LLM_TPM_COUNTS_MAX_TOKENS", false),
             concurrency: r.positive_u32("LLM_CONCURRENCY", 4),
             price_input: float(r, "LLM_PRICE_INPUT_PER_MTOK", 0.42, 0.0, 1e6),
             price_output: float(r, "LLM_PRICE_OUTPUT_PER_MTOK", 0.42, 0.0, 1e6),
@@ -179,6 +188,7 @@ impl EnrichSettings {
             prompt: r.raw("ENRICH_PROMPT"),
             max_deliver: Some(r.non_negative_u32("ENRICH_MAX_DELIVER", 0)).filter(|n| *n > 0),
             max_in_flight: r.positive_u32("ENRICH_MAX_IN_FLIGHT", 16),
+            max_replicas: r.positive_u32("ENRICH_MAX_REPLICAS", 10),
             linger: r.duration("ENRICH_BATCH_LINGER", Duration::from_millis(100)),
             shutdown_grace: r.duration("ENRICH_SHUTDOWN_GRACE", Duration::from_secs(15)),
         }

@@ -28,6 +28,7 @@ use tardis_common::ops::ReadyFlag;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use crate::budget::Cost;
 use crate::config::LlmSettings;
 use crate::llm::{CallError, Complete};
 use crate::metrics::EnrichMetrics;
@@ -37,9 +38,6 @@ use crate::schema::EnrichmentSchema;
 /// Answers in a row that are 2xx but not a chat completion before the endpoint is taken as
 /// misconfigured and the enricher halts.
 pub const NOT_A_COMPLETION_LIMIT: u32 = 3;
-
-/// Answer tokens expected per record, charged to `LLM_TPM` up front.
-pub const EXPECTED_ANSWER_TOKENS: u32 = 50;
 
 /// Where a record sits: its chunk and its position in the chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -188,7 +186,7 @@ enum Call {
 
 impl BatchProcessor {
     /// The user message and request body for `items`.
-    pub fn body(&self, items: &[Item]) -> (Value, u32) {
+    pub fn body(&self, items: &[Item]) -> (Value, Cost) {
         let records: Vec<(&str, &RawValue)> = items
             .iter()
             .map(|i| (i.id.as_str(), i.payload.as_ref()))
@@ -208,15 +206,18 @@ impl BatchProcessor {
             self.settings.response_format,
             &self.schema,
         );
-        // Charged to LLM_TPM: the prompt and the answer we expect (not the max_tokens ceiling).
-        let tokens = protocol::estimate_tokens(&self.system_prompt)
-            + protocol::estimate_tokens(&user)
-            + EXPECTED_ANSWER_TOKENS * items.len() as u32;
-        (body, tokens)
+        // What the fleet's budget charges for it (calibrated there from the provider's usage).
+        let cost = Cost {
+            prompt_estimate: protocol::estimate_tokens(&self.system_prompt)
+                .saturating_add(protocol::estimate_tokens(&user)),
+            records: items.len() as u32,
+            max_tokens,
+        };
+        (body, cost)
     }
 
     async fn call(&self, items: &[Item]) -> Call {
-        let (body, tokens) = self.body(items);
+        let (body, cost) = self.body(items);
         let backoff = Backoff::new(
             self.settings.retry_delay,
             std::time::Duration::from_secs(60),
@@ -231,7 +232,7 @@ impl BatchProcessor {
                 return Call::Stopped;
             }
             let result = tokio::select! {
-                r = self.client.complete(&body, tokens) => r,
+                r = self.client.complete(&body, cost) => r,
                 () = self.stop.cancelled() => return Call::Stopped,
                 () = self.health.halt.cancelled() => return Call::Stopped,
             };
@@ -565,7 +566,7 @@ mod tests {
         fn complete<'a>(
             &'a self,
             body: &'a Value,
-            _tokens: u32,
+            _cost: Cost,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>,
         > {

@@ -4,7 +4,9 @@
 //!
 //! * [`config`]: endpoint, limits, schema, prompt;
 //! * [`protocol`], [`schema`]: the wire protocol and validation, pure;
-//! * [`llm`]: the HTTP client with client-side limits and failure classes;
+//! * [`llm`]: the HTTP client, its concurrency and failure classes;
+//! * [`budget`]: the fleet's shared LLM rate limits (requests and tokens a minute), pure;
+//! * [`fleet`]: that budget kept in NATS KV, shared by every replica;
 //! * [`enrich`]: one batch — retries, splitting, dead letters;
 //! * [`batching`]: batches across chunks by count, token budget and linger, pure;
 //! * [`outcome`]: a chunk's outcome as messages (enriched and dead records, parts), pure;
@@ -12,8 +14,10 @@
 #![forbid(unsafe_code)]
 
 pub mod batching;
+pub mod budget;
 pub mod config;
 pub mod enrich;
+pub mod fleet;
 pub mod llm;
 pub mod metrics;
 pub mod outcome;
@@ -46,13 +50,73 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
         // shutdown must not use up anything; ENRICH_MAX_DELIVER, when set, is enforced by the
         // enricher, which dead-letters the chunk's records instead.
         max_deliver: -1,
-        max_ack_pending: i64::from(config.enrich.max_in_flight) * 8,
+        // Every replica the autoscaler may start must be able to hold its ENRICH_MAX_IN_FLIGHT
+        // chunks: the consumer's cap is for the whole fleet.
+        max_ack_pending: i64::from(config.enrich.max_in_flight)
+            * i64::from(config.enrich.max_replicas),
         // Redeliveries (a replica died, a publish failed) back off: 1, 2, 4, 8 ack waits.
         backoff: (0..4u32)
             .map(|k| config.llm.timeout * 2 * 2u32.pow(k))
             .collect(),
         ..ConsumerSpec::new(ConsumerKind::Enricher)
     }
+}
+
+/// Creates or updates what the enricher needs in JetStream — the streams, its consumer, the
+/// budget bucket — and exits: `enricher provision`, the bootstrap step of a deployment.
+pub async fn provision(config: Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let Some(client) = config
+        .common
+        .nats
+        .connect("tardis-enricher-provision", None, &shutdown)
+        .await
+        .map(Some)
+        .or_else(|e| match e {
+            tardis_common::nats::NatsError::Cancelled => Ok(None),
+            e => Err(e),
+        })
+        .context("connecting to NATS")?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    provision_jetstream(&config, &js).await?;
+    println!(
+        "provisioned: streams, consumer {} (max_ack_pending {}), bucket {}",
+        config.common.names.consumer(ConsumerKind::Enricher),
+        consumer_spec(&config).max_ack_pending,
+        config.common.names.llm_budget_bucket()
+    );
+    if let Err(e) = client.drain().await {
+        tracing::debug!(error = %e, "draining the NATS connection failed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn provision_jetstream(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());
+    topology
+        .provision(
+            js,
+            &[
+                StreamKind::Records,
+                StreamKind::Enriched,
+                StreamKind::DeadLetters,
+            ],
+            &[consumer_spec(config)],
+            false,
+        )
+        .await
+        .context("provisioning JetStream")?;
+    js.create_or_update_key_value(fleet::bucket_config(
+        config.common.names.llm_budget_bucket(),
+        config.common.streams.replicas,
+    ))
+    .await
+    .map_err(|e| anyhow::anyhow!("creating the LLM budget bucket: {e}"))
 }
 
 /// Runs the enricher until `shutdown` fires.
@@ -82,21 +146,8 @@ pub async fn run_with(
         return Ok(ExitCode::SUCCESS);
     };
     let js = async_nats::jetstream::new(client.clone());
-    let topology = Topology::new(config.common.names.clone(), config.common.streams.clone());
     let spec = consumer_spec(&config);
-    topology
-        .provision(
-            &js,
-            &[
-                StreamKind::Records,
-                StreamKind::Enriched,
-                StreamKind::DeadLetters,
-            ],
-            std::slice::from_ref(&spec),
-            false,
-        )
-        .await
-        .context("provisioning JetStream")?;
+    let bucket = provision_jetstream(&config, &js).await?;
     let names = config.common.names.clone();
     let consumer = js
         .get_stream(names.stream(StreamKind::Records))
@@ -109,20 +160,31 @@ pub async fn run_with(
         protocol::system_prompt(config.enrich.prompt.as_deref(), &config.enrich.schema);
     let prompt_version = protocol::prompt_version(&system_prompt, &config.enrich.schema);
     let llm = &config.llm;
-    let limits = llm::Limits {
-        rpm: llm.rpm,
-        tpm: llm.tpm,
-        concurrency: llm.concurrency,
-        max_request_tokens: llm.max_input_tokens
-            + llm.max_tokens_per_record * llm.batch_size
-            + 2000,
-    };
+    let mut endpoint_id = llm.endpoint.clone();
+    endpoint_id.set_query(None);
+    if endpoint_id.set_username("").is_err() || endpoint_id.set_password(None).is_err() {
+        tracing::trace!("endpoint has no credentials to remove");
+    }
+    let budget = Arc::new(fleet::Budget::new(
+        Arc::new(fleet::KvStore::new(
+            bucket,
+            fleet::budget_key(&llm.model, endpoint_id.as_str()),
+        )),
+        budget::Ceiling {
+            rpm: llm.rpm.map(f64::from),
+            tpm: llm.tpm.map(f64::from),
+            counts_max_tokens: llm.tpm_counts_max_tokens,
+        },
+        fleet::Clock::System,
+        Some(metrics.clone()),
+    ));
     let llm_client = llm::LlmClient::new(
         llm.endpoint.clone(),
         llm.api_key.clone(),
         llm.model.clone(),
         llm.timeout,
-        limits,
+        llm.concurrency,
+        budget,
         metrics.clone(),
     )
     .context("building the HTTP client")?;
@@ -156,6 +218,10 @@ pub async fn run_with(
         max_input_tokens: llm.max_input_tokens,
         linger: config.enrich.linger,
         max_in_flight: config.enrich.max_in_flight as usize,
+        max_held_records: (llm.batch_size as usize)
+            .saturating_mul(llm.concurrency as usize)
+            .saturating_mul(2)
+            .max(1),
         ack_wait: spec.ack_wait,
         consumer_name: config.common.names.consumer(ConsumerKind::Enricher),
         faults,

@@ -1,12 +1,11 @@
-//! The HTTP client of the chat-completions endpoint: authentication, timeout, client-side
-//! limits (requests/min, tokens/min, concurrency — shared by every task of the process), and
-//! the classification of failures that decides retry, split or stop.
+//! The HTTP client of the chat-completions endpoint: authentication, timeout, limits
+//! (concurrency per replica; requests and tokens a minute for the whole fleet, through
+//! [`crate::fleet::Budget`]), and the classification of failures that decides retry, split or
+//! stop.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde_json::Value;
@@ -15,6 +14,8 @@ use tardis_common::backoff::{parse_retry_after, seconds_hint};
 use tokio::sync::Semaphore;
 use url::Url;
 
+use crate::budget::{Cost, RateHeaders};
+use crate::fleet::{Answered, Budget};
 use crate::metrics::EnrichMetrics;
 use crate::protocol::{Answer, parse_answer};
 
@@ -58,7 +59,7 @@ pub trait Complete: Send + Sync + std::fmt::Debug {
     fn complete<'a>(
         &'a self,
         body: &'a Value,
-        tokens: u32,
+        cost: Cost,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>;
 }
 
@@ -66,21 +67,11 @@ impl Complete for LlmClient {
     fn complete<'a>(
         &'a self,
         body: &'a Value,
-        tokens: u32,
+        cost: Cost,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>
     {
-        Box::pin(LlmClient::complete(self, body, tokens))
+        Box::pin(LlmClient::complete(self, body, cost))
     }
-}
-
-/// Client-side limits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    pub rpm: Option<u32>,
-    pub tpm: Option<u32>,
-    pub concurrency: u32,
-    /// The largest number of tokens one request may need (for the TPM bucket's burst).
-    pub max_request_tokens: u32,
 }
 
 #[derive(Debug)]
@@ -89,8 +80,7 @@ pub struct LlmClient {
     endpoint: Url,
     api_key: Option<Secret<String>>,
     model: String,
-    rpm: Option<DefaultDirectRateLimiter>,
-    tpm: Option<DefaultDirectRateLimiter>,
+    budget: Arc<Budget>,
     concurrency: Arc<Semaphore>,
     metrics: EnrichMetrics,
 }
@@ -101,7 +91,8 @@ impl LlmClient {
         api_key: Option<Secret<String>>,
         model: String,
         timeout: Duration,
-        limits: Limits,
+        concurrency: u32,
+        budget: Arc<Budget>,
         metrics: EnrichMetrics,
     ) -> Result<Self, reqwest::Error> {
         tardis_common::install_crypto_provider();
@@ -110,34 +101,13 @@ impl LlmClient {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("tardis-enricher/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        // Smooth limits: one request per 60/rpm seconds, with a burst of one second's worth.
-        let rpm = limits.rpm.map(|r| {
-            let per = Duration::from_secs_f64(60.0 / f64::from(r.max(1)));
-            let burst = NonZeroU32::new((r / 60).max(1)).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::direct(
-                Quota::with_period(per)
-                    .unwrap_or(Quota::per_minute(NonZeroU32::MIN))
-                    .allow_burst(burst),
-            )
-        });
-        let tpm = limits.tpm.map(|t| {
-            let per = Duration::from_secs_f64(60.0 / f64::from(t.max(1)));
-            let burst = NonZeroU32::new(limits.max_request_tokens.max(t / 60).min(t.max(1)).max(1))
-                .unwrap_or(NonZeroU32::MIN);
-            RateLimiter::direct(
-                Quota::with_period(per)
-                    .unwrap_or(Quota::per_minute(NonZeroU32::MIN))
-                    .allow_burst(burst),
-            )
-        });
         Ok(Self {
             http,
             endpoint,
             api_key,
             model,
-            rpm,
-            tpm,
-            concurrency: Arc::new(Semaphore::new(limits.concurrency.max(1) as usize)),
+            budget,
+            concurrency: Arc::new(Semaphore::new(concurrency.max(1) as usize)),
             metrics,
         })
     }
@@ -156,8 +126,9 @@ impl LlmClient {
         u.to_string()
     }
 
-    /// One request, within the limits. `tokens` is the estimate charged to the TPM limit.
-    pub async fn complete(&self, body: &Value, tokens: u32) -> Result<Answer, CallError> {
+    /// One request, within the limits: a slot of this replica's concurrency, then one in the
+    /// fleet's budget for `cost`; the answer is reported back to the budget.
+    pub async fn complete(&self, body: &Value, cost: Cost) -> Result<Answer, CallError> {
         let _permit = self
             .concurrency
             .acquire()
@@ -167,16 +138,26 @@ impl LlmClient {
                 reason: "shutting down".into(),
                 retry_after: None,
             })?;
-        if let Some(l) = &self.rpm {
-            l.until_ready().await;
-        }
-        if let Some(l) = &self.tpm
-            && let Some(n) = NonZeroU32::new(tokens)
-            && l.until_n_ready(n).await.is_err()
-        {
-            // More than the bucket holds: wait for a full bucket instead of failing.
-            l.until_ready().await;
-        }
+        let grant = self.budget.admit(cost).await;
+        let mut headers = RateHeaders::default();
+        let result = self.send(body, &mut headers).await;
+        let how = match &result {
+            Ok(answer) => Answered::Ok {
+                usage: Some((answer.prompt_tokens, answer.completion_tokens))
+                    .filter(|(p, c)| p + c > 0),
+                headers,
+            },
+            Err(CallError::Transient {
+                rate_limited: true, ..
+            }) => Answered::Throttled(headers),
+            Err(_) => Answered::Other,
+        };
+        self.budget.answered(cost, grant, how).await;
+        result
+    }
+
+    /// Sends one request; `rate` gets the provider's rate-limit headers.
+    async fn send(&self, body: &Value, rate: &mut RateHeaders) -> Result<Answer, CallError> {
         let mut request = self
             .http
             .post(self.endpoint.clone())
@@ -212,7 +193,8 @@ impl LlmClient {
             }
         };
         let status = response.status();
-        let retry_after = retry_after(response.headers());
+        *rate = rate_headers(response.headers());
+        let retry_after = rate.retry_after;
         let body = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -300,6 +282,25 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     waits.into_iter().max()
 }
 
+/// The provider's rate-limit headers (OpenAI's names, which most compatible servers use).
+pub fn rate_headers(headers: &HeaderMap) -> RateHeaders {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let number = |name: &str| {
+        header(name)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|x| x.is_finite() && *x >= 0.0)
+    };
+    RateHeaders {
+        retry_after: retry_after(headers),
+        limit_requests: number("x-ratelimit-limit-requests"),
+        limit_tokens: number("x-ratelimit-limit-tokens"),
+        remaining_requests: number("x-ratelimit-remaining-requests"),
+        remaining_tokens: number("x-ratelimit-remaining-tokens"),
+        reset_requests: header("x-ratelimit-reset-requests").and_then(parse_reset),
+        reset_tokens: header("x-ratelimit-reset-tokens").and_then(parse_reset),
+    }
+}
+
 /// OpenAI's reset durations: `1s`, `6m0s`, `20ms`, `1h2m3.5s`, or plain seconds.
 pub fn parse_reset(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -385,6 +386,22 @@ mod tests {
                 "{name}: {value} -> {wait:?}"
             );
         }
+    }
+
+    #[test]
+    fn rate_limit_headers_are_read_and_garbage_is_none() {
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit-requests", "500".parse().unwrap());
+        h.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        h.insert("x-ratelimit-reset-requests", "120ms".parse().unwrap());
+        h.insert("x-ratelimit-limit-tokens", "NaN".parse().unwrap());
+        h.insert("x-ratelimit-remaining-tokens", "-3".parse().unwrap());
+        let r = rate_headers(&h);
+        assert_eq!(r.limit_requests, Some(500.0));
+        assert_eq!(r.remaining_requests, Some(0.0));
+        assert_eq!(r.reset_requests, Some(Duration::from_millis(120)));
+        assert_eq!(r.limit_tokens, None);
+        assert_eq!(r.remaining_tokens, None);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The enricher's metrics. Labels: `source`, `model`, and small fixed sets.
 
 use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    exponential_buckets,
+    CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
+    Registry, exponential_buckets,
 };
 
 #[derive(Debug, Clone)]
@@ -15,9 +15,12 @@ pub struct EnrichMetrics {
     pub tokens: IntCounterVec,
     pub cost: CounterVec,
     pub batch_size: HistogramVec,
-    pub pending: IntGaugeVec,
-    pub undeliverable: IntGaugeVec,
     pub unreadable: IntCounterVec,
+    pub budget_fleet: GaugeVec,
+    pub budget_share: GaugeVec,
+    pub budget_used: IntCounterVec,
+    pub budget_wait: Histogram,
+    pub budget_booked: Gauge,
 }
 
 impl EnrichMetrics {
@@ -103,16 +106,6 @@ impl EnrichMetrics {
                     &["model"],
                 )?,
             )?,
-            pending: reg(
-                registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "tardis_consumer_pending",
-                        "Messages waiting for a consumer plus delivered but unacknowledged (the autoscaling signal)",
-                    ),
-                    &["consumer"],
-                )?,
-            )?,
             unreadable: reg(
                 registry,
                 IntCounterVec::new(
@@ -123,15 +116,52 @@ impl EnrichMetrics {
                     &["kind"],
                 )?,
             )?,
-            undeliverable: reg(
+            budget_fleet: reg(
                 registry,
-                IntGaugeVec::new(
+                GaugeVec::new(
                     Opts::new(
-                        "tardis_stream_undeliverable_messages",
-                        "Messages in a work-queue stream that its consumer will not deliver any more (neither pending nor awaiting an ack): stranded work",
+                        "tardis_llm_budget_fleet_per_minute",
+                        "The LLM budget of the whole enricher fleet in force now, per minute (LLM_RPM/LLM_TPM less headroom, lowered after 429s); absent when unlimited",
                     ),
-                    &["stream"],
+                    &["kind"],
                 )?,
+            )?,
+            budget_share: reg(
+                registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tardis_llm_budget_share",
+                        "This replica's share of the fleet's budget: its grants in the last minute over the fleet's budget per minute",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            budget_used: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tardis_llm_budget_granted_total",
+                        "Requests and tokens this replica was granted from the fleet's budget",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            budget_wait: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tardis_llm_budget_wait_seconds",
+                        "How long a request waited for its slot in the fleet's budget",
+                    )
+                    .buckets(vec![0.0, 0.05, 0.25, 1.0, 5.0, 15.0, 60.0]),
+                )?,
+            )?,
+            budget_booked: reg(
+                registry,
+                Gauge::with_opts(Opts::new(
+                    "tardis_llm_budget_booked_seconds",
+                    "How far ahead the fleet's budget is booked at this replica's last request: above zero, the provider's limits (not the replica count) bound throughput",
+                ))?,
             )?,
         })
     }

@@ -19,8 +19,10 @@
 //! * While a chunk is in flight its message gets `+WPI` every third of the ack wait, so a slow
 //!   LLM never causes a redelivery; a crashed replica stops sending them, and JetStream hands
 //!   the chunk to another one after the ack wait.
-//! * Backpressure: the puller takes a chunk only with a free permit, and takes none while the
-//!   circuit is open (the endpoint keeps failing) or halted (bad key or endpoint). On halt every
+//! * Backpressure: the puller takes a chunk only with a free permit and while fewer than
+//!   `2 × LLM_CONCURRENCY × LLM_BATCH_SIZE` records are unfinished here (enough to keep every
+//!   request slot busy; more would sit idle in this replica while the replicas an autoscaler
+//!   adds find nothing), and takes none while the circuit is open (the endpoint keeps failing) or halted (bad key or endpoint). On halt every
 //!   chunk in flight is nak'd: nothing acked, nothing dead-lettered.
 //! * Shutdown: stop pulling, let in-flight chunks finish for `ENRICH_SHUTDOWN_GRACE`, nak the
 //!   rest.
@@ -73,6 +75,10 @@ pub struct Pipeline {
     pub max_input_tokens: u32,
     pub linger: Duration,
     pub max_in_flight: usize,
+    /// Pull another chunk only while fewer records than this are unfinished here: enough to
+    /// keep every request slot busy, and no more, so that a burst spreads over the replicas
+    /// an autoscaler adds instead of waiting in the first one's hands.
+    pub max_held_records: usize,
     pub ack_wait: Duration,
     pub consumer_name: String,
     /// Faults injected by tests ([`Faults::none`] in production).
@@ -103,7 +109,6 @@ impl Pipeline {
 
         let batcher = tokio::spawn(this.clone().batcher(item_rx, chunks.clone(), tasks.clone()));
         let heartbeat = tokio::spawn(this.clone().heartbeat(chunks.clone(), background.clone()));
-        let lag = tokio::spawn(this.clone().lag(background.clone()));
 
         this.clone()
             .pull(&chunks, &permits, &item_tx, &shutdown)
@@ -137,7 +142,7 @@ impl Pipeline {
         }
         this.nak_all(&chunks, "shutting down").await;
         background.cancel();
-        for h in [heartbeat, lag] {
+        for h in [heartbeat] {
             if let Err(e) = h.await {
                 warn!(error = %e, "background task failed");
             }
@@ -180,15 +185,22 @@ impl Pipeline {
                     () = halted.cancelled() => return,
                 }
             }
+            // Enough records here already: let other replicas take the next chunks.
+            let held: usize = lock(chunks).values().map(|t| t.remaining).sum();
+            if held >= self.max_held_records {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                    () = shutdown.cancelled() => return,
+                    () = halted.cancelled() => return,
+                }
+            }
             let first = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                 () = shutdown.cancelled() => return,
                 () = halted.cancelled() => return,
             };
+            // One chunk a pull: the next pull looks at the records held again.
             let mut held = vec![first];
-            while let Ok(p) = permits.clone().try_acquire_owned() {
-                held.push(p);
-            }
             let want = held.len();
             let batch = self
                 .consumer
@@ -635,40 +647,6 @@ impl Pipeline {
                 if let Err(e) = self.client.publish(reply, "+WPI".into()).await {
                     debug!(error = %e, "in-progress heartbeat failed");
                 }
-            }
-        }
-    }
-
-    /// Every 5 s: `tardis_consumer_pending{consumer}` (pending + ack-pending) and
-    /// `tardis_stream_undeliverable_messages{stream}` (in the stream, yet neither).
-    async fn lag(self: Arc<Self>, stop: CancellationToken) {
-        let mut consumer = self.consumer.clone();
-        let stream_name = self.names.stream(tardis_common::nats::StreamKind::Records);
-        loop {
-            match consumer.info().await {
-                Ok(info) => {
-                    let queued = info.num_pending as i64 + info.num_ack_pending as i64;
-                    self.metrics
-                        .pending
-                        .with_label_values(&[&self.consumer_name])
-                        .set(queued);
-                    match self.js.get_stream(&stream_name).await {
-                        Ok(mut stream) => match stream.info().await {
-                            Ok(s) => self
-                                .metrics
-                                .undeliverable
-                                .with_label_values(&[&stream_name])
-                                .set((s.state.messages as i64 - queued).max(0)),
-                            Err(error) => debug!(%error, "stream info failed"),
-                        },
-                        Err(error) => debug!(%error, "stream info failed"),
-                    }
-                }
-                Err(error) => debug!(%error, "consumer info failed"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                () = stop.cancelled() => return,
             }
         }
     }

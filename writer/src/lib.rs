@@ -160,6 +160,19 @@ async fn run_inner(
         .context("provisioning JetStream")?;
     info!(postgres = %config.postgres.display_target(), ordinal = config.ordinal, "writer ready");
     let mut loops = JoinSet::new();
+    // The work left in every stage: the writer always runs, so the series always exist.
+    let lag_metrics = tardis_common::nats::lag::LagMetrics::register(&ops.registry)
+        .context("registering metrics")?;
+    loops.spawn(
+        tardis_common::nats::lag::export(
+            js.clone(),
+            names.clone(),
+            lag_metrics,
+            Duration::from_secs(5),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     for (kind, consumer_kind) in [
         (consume::Kind::Records, ConsumerKind::Writer),
         (consume::Kind::DeadLetters, ConsumerKind::WriterDlq),

@@ -26,6 +26,7 @@
 
 use async_nats::jetstream::{self};
 
+pub mod lag;
 mod names;
 mod publish;
 mod settings;

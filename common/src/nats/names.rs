@@ -87,6 +87,11 @@ impl Names {
         self.name("TARDIS_FETCH_STATE")
     }
 
+    /// The key-value bucket holding the enricher fleet's shared LLM budget.
+    pub fn llm_budget_bucket(&self) -> String {
+        self.name("TARDIS_LLM_BUDGET")
+    }
+
     /// The key-value bucket holding the fetchers' run leases (entries expire on the server).
     pub fn fetch_lease_bucket(&self) -> String {
         self.name("TARDIS_FETCH_LEASES")

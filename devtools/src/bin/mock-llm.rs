@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         latency_ms: a.latency_ms,
         rpm: a.rpm,
         tpm: a.tpm,
+        window_secs: None,
         fail_rate: a.fail_rate,
         invalid_json_rate: a.invalid_json_rate,
         truncate_rate: a.truncate_rate,

@@ -12,6 +12,7 @@
 //! `PG_BIN_DIR`, `TARDIS_BIN_DIR`) — it is test code, not a worker.
 
 pub mod bins;
+pub mod fleet;
 pub mod json_server;
 pub mod nats;
 pub mod postgres;

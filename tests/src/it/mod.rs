@@ -6,6 +6,7 @@ mod delivery;
 mod enricher;
 mod fetch_edges;
 mod fetcher;
+mod fleet;
 mod nats;
 mod pipeline;
 mod postgres;

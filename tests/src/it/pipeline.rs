@@ -14,7 +14,7 @@ use super::support::legacy_env;
 use super::writer::migrate;
 use crate::harness::{Captured, TestDb, TestNats, bins, free_port, wait_for};
 
-fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -> Result<Captured> {
+pub(super) fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -> Result<Captured> {
     let mut cmd = Command::new(bins::bin(name)?);
     cmd.args(args)
         .env_clear()
@@ -23,7 +23,7 @@ fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -> Result<Ca
     Captured::spawn(cmd)
 }
 
-async fn fetch_once(env: &BTreeMap<String, String>) -> Result<String> {
+pub(super) async fn fetch_once(env: &BTreeMap<String, String>) -> Result<String> {
     let child = spawn("fetcher", &["run"], env)?;
     let (status, output) = tokio::task::spawn_blocking(move || {
         let mut c = child;
@@ -34,21 +34,13 @@ async fn fetch_once(env: &BTreeMap<String, String>) -> Result<String> {
     Ok(output)
 }
 
-#[tokio::test]
-async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
-    let t = TestNats::new().await?;
-    let db = TestDb::new().await?;
-    let demo = DemoSource::start(DemoConfig {
-        backlog: 5000,
-        rate: 100.0,
-        tie_group: 7,
-        frozen: true,
-        ..DemoConfig::default()
-    })
-    .await?;
-    let llm = MockLlm::start(MockConfig::default()).await?;
-
-    // The legacy ConfigMap and Secret, pointed at the local stand-ins.
+/// The legacy ConfigMap and Secret, pointed at the local stand-ins, NATS and Postgres.
+pub(super) fn pipeline_env(
+    t: &crate::harness::TestNats,
+    db: &crate::harness::TestDb,
+    demo: &DemoSource,
+    llm: &MockLlm,
+) -> Result<BTreeMap<String, String>> {
     let mut env = legacy_env();
     let sources: Value = serde_json::from_str(&env["DATA_SOURCES"])?;
     let sources: Vec<Value> = sources
@@ -72,6 +64,24 @@ async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
     env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
     env.insert("DATABASE_URL".into(), db.url.clone());
     env.insert("PGSSLMODE".into(), "disable".into());
+    Ok(env)
+}
+
+#[tokio::test]
+async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let demo = DemoSource::start(DemoConfig {
+        backlog: 5000,
+        rate: 100.0,
+        tie_group: 7,
+        frozen: true,
+        ..DemoConfig::default()
+    })
+    .await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+
+    let mut env = pipeline_env(&t, &db, &demo, &llm)?;
     env.insert("LLM_CONCURRENCY".into(), "8".into());
     env.insert("ENRICH_BATCH_LINGER".into(), "20ms".into());
 

@@ -1,0 +1,489 @@
+//! The fleet's LLM budget over NATS (I/O): the schedule of [`crate::budget`] lives in one
+//! entry of the KV bucket `TARDIS_LLM_BUDGET` (memory storage, history 1), keyed by model and
+//! endpoint, and every replica updates it by compare-and-set. A request costs two small KV
+//! round trips (reserve before, settle after), none per record.
+//!
+//! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
+//! unbudgeted); settling after an answer is best effort (three tries).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv;
+use sha2::Digest as _;
+use tracing::warn;
+
+use crate::budget::{Ceiling, Cost, FleetState, Grant, RateHeaders};
+use crate::metrics::EnrichMetrics;
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The result of a compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Stored(u64),
+    /// Someone else wrote first: load and try again.
+    Conflict,
+}
+
+/// Where the shared state is kept: the KV bucket, or memory (one replica's tests).
+pub trait BudgetStore: Send + Sync + fmt::Debug {
+    /// The state and its revision, or `None` when nobody has written it yet.
+    fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>>;
+    /// Writes `state` if the entry is still at `revision` (`None`: if it does not exist).
+    fn put<'a>(
+        &'a self,
+        state: &'a FleetState,
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Put, String>>;
+}
+
+/// The bucket's configuration.
+pub fn bucket_config(bucket: String, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket,
+        description: "Tardis: the enricher fleet's shared LLM rate-limit schedule".to_string(),
+        history: 1,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// The key of a model at an endpoint: `<model>.<hash of the endpoint>` (KV-safe characters).
+pub fn budget_key(model: &str, endpoint: &str) -> String {
+    let model: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = hex::encode(sha2::Sha256::digest(endpoint.as_bytes()));
+    format!("{model}.{}", &hash[..12])
+}
+
+/// The state in a NATS KV entry.
+pub struct KvStore {
+    kv: kv::Store,
+    key: String,
+}
+
+impl fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvStore").field("key", &self.key).finish()
+    }
+}
+
+impl KvStore {
+    pub fn new(kv: kv::Store, key: String) -> Self {
+        Self { kv, key }
+    }
+}
+
+impl BudgetStore for KvStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
+        Box::pin(async move {
+            let entry = self.kv.entry(&self.key).await.map_err(|e| e.to_string())?;
+            Ok(entry
+                .filter(|e| e.operation == kv::Operation::Put)
+                .map(|e| {
+                    // A state this version cannot read starts over (it is only a schedule).
+                    let state = serde_json::from_slice(&e.value).unwrap_or_default();
+                    (state, e.revision)
+                }))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        state: &'a FleetState,
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Put, String>> {
+        Box::pin(async move {
+            let bytes = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+            match revision {
+                Some(rev) => match self.kv.update(&self.key, bytes.into(), rev).await {
+                    Ok(r) => Ok(Put::Stored(r)),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        Ok(Put::Conflict)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                None => match self.kv.create(&self.key, bytes.into()).await {
+                    Ok(r) => Ok(Put::Stored(r)),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Put::Conflict),
+                    Err(e) => Err(e.to_string()),
+                },
+            }
+        })
+    }
+}
+
+/// The state in memory: a fleet of one process (tests).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Option<(FleetState, u64)>>,
+}
+
+impl BudgetStore for MemoryStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
+        let current = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Box::pin(async move { Ok(current) })
+    }
+
+    fn put<'a>(
+        &'a self,
+        state: &'a FleetState,
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Put, String>> {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = match (&*inner, revision) {
+            (None, None) => {
+                *inner = Some((state.clone(), 1));
+                Put::Stored(1)
+            }
+            (Some((_, current)), Some(rev)) if *current == rev => {
+                *inner = Some((state.clone(), rev + 1));
+                Put::Stored(rev + 1)
+            }
+            _ => Put::Conflict,
+        };
+        Box::pin(async move { Ok(result) })
+    }
+}
+
+/// Wall-clock milliseconds: the system clock, or one that follows Tokio's (paused) time.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    System,
+    Tokio {
+        epoch_ms: f64,
+        at: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    pub fn tokio() -> Self {
+        Self::Tokio {
+            epoch_ms: 1.0e12,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> f64 {
+        match self {
+            Self::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            Self::Tokio { epoch_ms, at } => epoch_ms + at.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// How a granted request ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Answered {
+    /// A 2xx with the provider's usage, if any.
+    Ok {
+        usage: Option<(u64, u64)>,
+        headers: RateHeaders,
+    },
+    /// A 429.
+    Throttled(RateHeaders),
+    /// Anything else (the charge stands).
+    Other,
+}
+
+/// One replica's handle on the fleet's budget.
+pub struct Budget {
+    store: Arc<dyn BudgetStore>,
+    ceiling: Ceiling,
+    clock: Clock,
+    cached: Mutex<Option<(FleetState, u64)>>,
+    /// This replica's grants in the last minute (ms, tokens), for its share.
+    mine: Mutex<VecDeque<(f64, f64)>>,
+    metrics: Option<EnrichMetrics>,
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budget")
+            .field("store", &self.store)
+            .field("ceiling", &self.ceiling)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Budget {
+    pub fn new(
+        store: Arc<dyn BudgetStore>,
+        ceiling: Ceiling,
+        clock: Clock,
+        metrics: Option<EnrichMetrics>,
+    ) -> Self {
+        Self {
+            store,
+            ceiling,
+            clock,
+            cached: Mutex::new(None),
+            mine: Mutex::new(VecDeque::new()),
+            metrics,
+        }
+    }
+
+    pub fn ceiling(&self) -> &Ceiling {
+        &self.ceiling
+    }
+
+    /// Applies `change` to the shared state by compare-and-set; `None` if the store failed
+    /// `tries` times in a row (`0`: never give up).
+    async fn update<R>(
+        &self,
+        tries: u32,
+        mut change: impl FnMut(&mut FleetState, f64) -> R,
+    ) -> Option<R> {
+        let mut failures = 0u32;
+        loop {
+            let cached = self
+                .cached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            let current = match cached {
+                Some(c) => Ok(Some(c)),
+                None => self.store.load().await,
+            };
+            let error = match current {
+                Ok(current) => {
+                    let (mut state, revision) = match current {
+                        Some((s, r)) => (s, Some(r)),
+                        None => (FleetState::default(), None),
+                    };
+                    let now = self.clock.now_ms();
+                    let result = change(&mut state, now);
+                    match self.store.put(&state, revision).await {
+                        Ok(Put::Stored(rev)) => {
+                            self.observe(&state, now);
+                            *self
+                                .cached
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                Some((state, rev));
+                            return Some(result);
+                        }
+                        Ok(Put::Conflict) => continue,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            failures += 1;
+            if tries > 0 && failures >= tries {
+                warn!(error = %error, "updating the fleet's LLM budget failed; skipped");
+                return None;
+            }
+            let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
+            warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "the fleet's LLM budget (NATS KV) is unavailable; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Waits for this request's slot in the fleet's schedule.
+    pub async fn admit(&self, cost: Cost) -> Grant {
+        let ceiling = self.ceiling;
+        let grant = self
+            .update(0, |s, now| s.reserve(now, &ceiling, cost))
+            .await
+            .unwrap_or(Grant {
+                send_at: 0.0,
+                tokens: 0.0,
+            });
+        let now = self.clock.now_ms();
+        {
+            let mut mine = self
+                .mine
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            mine.push_back((grant.send_at, grant.tokens));
+            while mine.front().is_some_and(|(t, _)| *t < now - 60_000.0) {
+                mine.pop_front();
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.budget_used.with_label_values(&["requests"]).inc();
+            m.budget_used
+                .with_label_values(&["tokens"])
+                .inc_by(grant.tokens.max(0.0) as u64);
+        }
+        let wait = ((grant.send_at - now) / 1000.0).max(0.0);
+        if let Some(m) = &self.metrics {
+            m.budget_wait.observe(wait);
+        }
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+        }
+        grant
+    }
+
+    /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate.
+    pub async fn answered(&self, cost: Cost, grant: Grant, how: Answered) {
+        let ceiling = self.ceiling;
+        let done = self
+            .update(3, |s, now| match how {
+                Answered::Ok { usage, headers } => {
+                    s.settle(&ceiling, cost, grant.tokens, usage);
+                    s.succeeded(now, &ceiling, &headers);
+                }
+                Answered::Throttled(headers) => s.throttled(now, &ceiling, &headers),
+                Answered::Other => {}
+            })
+            .await;
+        if done.is_none() {
+            // Next time, load afresh.
+            self.cached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+        }
+    }
+
+    /// Publishes the fleet's rates, this replica's share of them and the booked-ahead time.
+    fn observe(&self, state: &FleetState, now: f64) {
+        let Some(m) = &self.metrics else { return };
+        let rates = state.rates(&self.ceiling);
+        let (mine_requests, mine_tokens) = {
+            let mine = self
+                .mine
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            mine.iter()
+                .filter(|(t, _)| *t >= now - 60_000.0)
+                .fold((0.0, 0.0), |(r, k), (_, tokens)| (r + 1.0, k + tokens))
+        };
+        for (kind, rate, used) in [
+            ("requests", rates.rpm, mine_requests),
+            ("tokens", rates.tpm, mine_tokens),
+        ] {
+            match rate {
+                Some(r) => {
+                    m.budget_fleet.with_label_values(&[kind]).set(r);
+                    m.budget_share.with_label_values(&[kind]).set(used / r);
+                }
+                None => {
+                    // Unlimited: no budget to show, and no share of one (absent already is fine).
+                    if m.budget_fleet.remove_label_values(&[kind]).is_ok() {
+                        tracing::debug!(kind, "the fleet's budget is unlimited now");
+                    }
+                    if m.budget_share.remove_label_values(&[kind]).is_err() {
+                        tracing::trace!(kind, "no share to remove");
+                    }
+                }
+            }
+        }
+        m.budget_booked.set(state.booked_ahead(now, &self.ceiling));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ceiling(rpm: f64) -> Ceiling {
+        Ceiling {
+            rpm: Some(rpm),
+            tpm: None,
+            counts_max_tokens: false,
+        }
+    }
+
+    const COST: Cost = Cost {
+        prompt_estimate: 100,
+        records: 1,
+        max_tokens: 250,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_sharing_a_store_share_the_limit() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let clock = Clock::tokio();
+        // Four replicas, each asking as fast as it can for a minute.
+        let started = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let budget = Arc::new(Budget::new(store.clone(), ceiling(120.0), clock, None));
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                while started.elapsed() < Duration::from_secs(60) {
+                    budget.admit(COST).await;
+                    // Sent within the minute.
+                    if started.elapsed() < Duration::from_secs(60) {
+                        n += 1;
+                    }
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        // 120 x 0.97 a minute for the fleet, not 120 per replica.
+        assert!((115..=117).contains(&total), "{total} requests");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_every_replica_for_the_servers_wait() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let clock = Clock::tokio();
+        let a = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let b = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let g = a.admit(COST).await;
+        a.answered(
+            COST,
+            g,
+            Answered::Throttled(RateHeaders {
+                retry_after: Some(Duration::from_secs(5)),
+                ..RateHeaders::default()
+            }),
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        b.admit(COST).await;
+        assert!(started.elapsed() >= Duration::from_millis(4990));
+    }
+
+    #[test]
+    fn keys_are_kv_safe_and_differ_by_endpoint() {
+        let k = budget_key(
+            "meta-llama/Llama 3.1:8b",
+            "https://a.example/v1/chat/completions",
+        );
+        assert!(k.starts_with("meta-llama_Llama_3_1_8b."), "{k}");
+        assert!(
+            k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        );
+        assert_ne!(
+            k,
+            budget_key(
+                "meta-llama/Llama 3.1:8b",
+                "https://b.example/v1/chat/completions"
+            )
+        );
+    }
+}
