@@ -192,6 +192,10 @@ impl FleetState {
 
     /// Reserves the next slot for a request of `cost` at `now`.
     pub fn reserve(&mut self, now: f64, ceiling: &Ceiling, cost: Cost) -> Grant {
+        // A pause written by a replica whose clock is far ahead lasts no longer than any
+        // pause may. (The schedule itself may legitimately be booked far ahead at low rates.)
+        let pause_cap = now + MAX_PAUSE.as_secs_f64() * 1000.0;
+        self.paused_until = self.paused_until.min(pause_cap);
         let rates = self.rates(ceiling);
         let tokens = self.charge(ceiling, cost);
         let mut send_at = now.max(self.paused_until);
@@ -295,13 +299,17 @@ impl FleetState {
             return;
         }
         let c = self.ceilings(ceiling);
+        // Without a ceiling, grow only while the rate is what holds requests back (the
+        // schedule is booked ahead): never on and on while demand stays below it.
+        let binding = self.booked_ahead(now, ceiling) > 0.0;
         let grow = |rate: Option<f64>, ceiling: Option<f64>| match (rate, ceiling) {
             (None, _) => None,
             (Some(r), Some(c)) => {
                 let next = r + INCREASE * c;
                 (next < c).then_some(next)
             }
-            (Some(r), None) => Some(r * (1.0 + INCREASE)),
+            (Some(r), None) if binding => Some(r * (1.0 + INCREASE)),
+            (Some(r), None) => Some(r),
         };
         let (rpm, tpm) = (grow(self.rpm, c.rpm), grow(self.tpm, c.tpm));
         if (rpm, tpm) != (self.rpm, self.tpm) {
@@ -311,19 +319,14 @@ impl FleetState {
         }
     }
 
-    /// A 429: pause the fleet for the server's hint, and cut the rate once per overload.
-    pub fn throttled(&mut self, now: f64, ceiling: &Ceiling, headers: &RateHeaders) {
+    /// A 429 to a request sent at `sent_at`: pause the fleet for the server's hint, and cut
+    /// the rate once per overload.
+    pub fn throttled(&mut self, now: f64, sent_at: f64, ceiling: &Ceiling, headers: &RateHeaders) {
         self.learn(headers);
         self.pause(now, headers.retry_after.unwrap_or(Duration::from_secs(1)));
-        // Every request in flight during an overload sees a 429: cut once for all of them.
-        let since = now - self.decreased_at;
-        let gap = headers
-            .retry_after
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_PAUSE)
-            .as_secs_f64()
-            * 1000.0;
-        if since < gap.max(2000.0) {
+        // Every request sent before the last cut belongs to the overload that caused it (or
+        // an earlier one): only a request sent at the cut rate may cut again.
+        if sent_at <= self.decreased_at {
             return;
         }
         let rates = self.rates(ceiling);
@@ -332,13 +335,19 @@ impl FleetState {
         let requests_out = headers.remaining_requests.is_some_and(|r| r < 1.0);
         let cut_requests = requests_out || !tokens_out;
         let cut_tokens = tokens_out || (!requests_out && rates.tpm.is_some());
+        // From what the fleet actually sent, when that is below the rate it was allowed.
+        let base = |rate: Option<f64>, measured: f64, min: f64| match rate {
+            Some(r) if measured >= min => r.min(measured),
+            Some(r) => r,
+            None => measured.max(min),
+        };
         if cut_requests {
-            let base = rates.rpm.unwrap_or(measured_rpm.max(MIN_RPM));
-            self.rpm = Some((base * DECREASE).max(MIN_RPM));
+            let b = base(rates.rpm, measured_rpm, MIN_RPM);
+            self.rpm = Some((b * DECREASE).max(MIN_RPM));
         }
         if cut_tokens {
-            let base = rates.tpm.unwrap_or(measured_tpm.max(MIN_TPM));
-            self.tpm = Some((base * DECREASE).max(MIN_TPM));
+            let b = base(rates.tpm, measured_tpm, MIN_TPM);
+            self.tpm = Some((b * DECREASE).max(MIN_TPM));
         }
         self.decreased_at = now;
     }
@@ -467,12 +476,12 @@ mod tests {
             retry_after: Some(Duration::from_secs(3)),
             ..RateHeaders::default()
         };
-        s.throttled(10_000.0, &RPM_240, &headers);
+        s.throttled(10_000.0, 9_800.0, &RPM_240, &headers);
         let cut = s.rpm.expect("cut");
         assert!((cut - 240.0 * 0.97 * DECREASE).abs() < 1e-9);
-        // The other requests of the same overload do not cut again.
+        // The other requests of the same overload (sent before the cut) do not cut again.
         for k in 0..10 {
-            s.throttled(10_000.0 + 100.0 * f64::from(k), &RPM_240, &headers);
+            s.throttled(10_000.0 + 100.0 * f64::from(k), 9_900.0, &RPM_240, &headers);
         }
         assert_eq!(s.rpm, Some(cut));
         // Each 429 carries its own wait: the last one (at 10.9 s) says 3 s.
@@ -496,12 +505,28 @@ mod tests {
             assert_eq!(s.reserve(now, &none, cost(1)).send_at, now);
             now += 100.0;
         }
-        s.throttled(now, &none, &RateHeaders::default());
+        s.throttled(now, now - 100.0, &none, &RateHeaders::default());
         let rpm = s.rpm.expect("a rate now");
         assert!((rpm - 600.0 * DECREASE).abs() < 30.0, "{rpm}");
-        // No ceiling: it probes upward by itself.
-        s.succeeded(now + 2000.0, &none, &RateHeaders::default());
-        assert!(s.rpm.expect("rate") > rpm);
+        // No ceiling: while demand is held back by the rate, it probes upward by itself...
+        let later = now + 2000.0;
+        for _ in 0..10 {
+            s.reserve(later, &none, cost(1));
+        }
+        s.succeeded(later, &none, &RateHeaders::default());
+        let probed = s.rpm.expect("rate");
+        assert!(probed > rpm);
+        // ...and not while demand stays below it.
+        s.succeeded(later + 60_000.0, &none, &RateHeaders::default());
+        assert_eq!(s.rpm, Some(probed));
+        // A request sent at the new rate that still gets a 429 cuts again.
+        s.throttled(
+            later + 60_500.0,
+            later + 60_400.0,
+            &none,
+            &RateHeaders::default(),
+        );
+        assert!(s.rpm.expect("rate") < probed);
     }
 
     #[test]
@@ -547,6 +572,16 @@ mod tests {
             "{}",
             s.tokens_free_at
         );
+    }
+
+    #[test]
+    fn a_pause_from_a_clock_far_ahead_lasts_no_longer_than_any_pause() {
+        let mut s = FleetState {
+            paused_until: 10_000_000.0,
+            ..FleetState::default()
+        };
+        let g = s.reserve(1_000.0, &RPM_240, cost(1));
+        assert_eq!(g.send_at, 1_000.0 + MAX_PAUSE.as_secs_f64() * 1000.0);
     }
 
     #[test]

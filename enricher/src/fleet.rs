@@ -40,6 +40,10 @@ pub trait BudgetStore: Send + Sync + fmt::Debug {
         state: &'a FleetState,
         revision: Option<u64>,
     ) -> BoxFuture<'a, Result<Put, String>>;
+    /// After a failure: recreate what may have gone (the bucket), if anything.
+    fn recover(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The bucket's configuration.
@@ -48,7 +52,9 @@ pub fn bucket_config(bucket: String, replicas: usize) -> kv::Config {
         bucket,
         description: "Tardis: the enricher fleet's shared LLM rate-limit schedule".to_string(),
         history: 1,
-        storage: async_nats::jetstream::stream::StorageType::Memory,
+        // File, like every Tardis bucket: a memory stream of one replica can lose more than
+        // its data when the server restarts.
+        storage: async_nats::jetstream::stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
     }
@@ -72,8 +78,11 @@ pub fn budget_key(model: &str, endpoint: &str) -> String {
 
 /// The state in a NATS KV entry.
 pub struct KvStore {
-    kv: kv::Store,
+    kv: Mutex<kv::Store>,
     key: String,
+    /// To recreate the bucket if it disappears.
+    js: async_nats::jetstream::Context,
+    config: kv::Config,
 }
 
 impl fmt::Debug for KvStore {
@@ -83,15 +92,36 @@ impl fmt::Debug for KvStore {
 }
 
 impl KvStore {
-    pub fn new(kv: kv::Store, key: String) -> Self {
-        Self { kv, key }
+    pub fn new(
+        kv: kv::Store,
+        key: String,
+        js: async_nats::jetstream::Context,
+        config: kv::Config,
+    ) -> Self {
+        Self {
+            kv: Mutex::new(kv),
+            key,
+            js,
+            config,
+        }
+    }
+
+    fn kv(&self) -> kv::Store {
+        self.kv
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
 impl BudgetStore for KvStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
         Box::pin(async move {
-            let entry = self.kv.entry(&self.key).await.map_err(|e| e.to_string())?;
+            let entry = self
+                .kv()
+                .entry(&self.key)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(entry
                 .filter(|e| e.operation == kv::Operation::Put)
                 .map(|e| {
@@ -110,18 +140,36 @@ impl BudgetStore for KvStore {
         Box::pin(async move {
             let bytes = serde_json::to_vec(state).map_err(|e| e.to_string())?;
             match revision {
-                Some(rev) => match self.kv.update(&self.key, bytes.into(), rev).await {
+                Some(rev) => match self.kv().update(&self.key, bytes.into(), rev).await {
                     Ok(r) => Ok(Put::Stored(r)),
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                         Ok(Put::Conflict)
                     }
                     Err(e) => Err(e.to_string()),
                 },
-                None => match self.kv.create(&self.key, bytes.into()).await {
+                None => match self.kv().create(&self.key, bytes.into()).await {
                     Ok(r) => Ok(Put::Stored(r)),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Put::Conflict),
                     Err(e) => Err(e.to_string()),
                 },
+            }
+        })
+    }
+
+    fn recover(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match self
+                .js
+                .create_or_update_key_value(self.config.clone())
+                .await
+            {
+                Ok(store) => {
+                    *self
+                        .kv
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = store;
+                }
+                Err(e) => tracing::debug!(error = %e, "recreating the budget bucket failed"),
             }
         })
     }
@@ -293,6 +341,7 @@ impl Budget {
                 Err(e) => e,
             };
             failures += 1;
+            self.store.recover().await;
             if tries > 0 && failures >= tries {
                 warn!(error = %error, "updating the fleet's LLM budget failed; skipped");
                 return None;
@@ -303,8 +352,31 @@ impl Budget {
         }
     }
 
-    /// Waits for this request's slot in the fleet's schedule.
+    /// Waits for this request's slot in the fleet's schedule. A slot that a 429 elsewhere
+    /// paused the fleet over while this request waited is given up for a new one.
     pub async fn admit(&self, cost: Cost) -> Grant {
+        loop {
+            let (grant, waited) = self.admit_once(cost).await;
+            if waited {
+                // It waited: look at the shared state again before sending.
+                if let Ok(Some((state, revision))) = self.store.load().await {
+                    let paused = state.paused_until > grant.send_at + 1.0;
+                    *self
+                        .cached
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((state, revision));
+                    if paused {
+                        continue;
+                    }
+                }
+            }
+            return grant;
+        }
+    }
+
+    /// Reserves a slot and sleeps until it; whether it had to wait.
+    async fn admit_once(&self, cost: Cost) -> (Grant, bool) {
         let ceiling = self.ceiling;
         let grant = self
             .update(0, |s, now| s.reserve(now, &ceiling, cost))
@@ -337,7 +409,7 @@ impl Budget {
         if wait > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
         }
-        grant
+        (grant, wait > 0.0)
     }
 
     /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate.
@@ -349,7 +421,9 @@ impl Budget {
                     s.settle(&ceiling, cost, grant.tokens, usage);
                     s.succeeded(now, &ceiling, &headers);
                 }
-                Answered::Throttled(headers) => s.throttled(now, &ceiling, &headers),
+                Answered::Throttled(headers) => {
+                    s.throttled(now, grant.send_at, &ceiling, &headers);
+                }
                 Answered::Other => {}
             })
             .await;
@@ -465,6 +539,38 @@ mod tests {
         let started = tokio::time::Instant::now();
         b.admit(COST).await;
         assert!(started.elapsed() >= Duration::from_millis(4990));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_booked_before_a_429_elsewhere_waits_out_the_pause() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let clock = Clock::tokio();
+        let a = Arc::new(Budget::new(store.clone(), ceiling(60.0), clock, None));
+        let b = Budget::new(store.clone(), ceiling(60.0), clock, None);
+        // A takes the first slot; B's is about a second later.
+        let first = a.admit(COST).await;
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let a = a.clone();
+            async move { a.admit(COST).await }
+        });
+        tokio::task::yield_now().await;
+        // A 429 to the first request pauses the fleet for 10 s while the second one waits.
+        b.answered(
+            COST,
+            first,
+            Answered::Throttled(RateHeaders {
+                retry_after: Some(Duration::from_secs(10)),
+                ..RateHeaders::default()
+            }),
+        )
+        .await;
+        waiting.await.unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_secs(10),
+            "sent after {:?}, inside the pause",
+            started.elapsed()
+        );
     }
 
     #[test]

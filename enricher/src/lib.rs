@@ -111,12 +111,16 @@ async fn provision_jetstream(
         )
         .await
         .context("provisioning JetStream")?;
-    js.create_or_update_key_value(fleet::bucket_config(
+    js.create_or_update_key_value(budget_bucket_config(config))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the LLM budget bucket: {e}"))
+}
+
+fn budget_bucket_config(config: &Config) -> async_nats::jetstream::kv::Config {
+    fleet::bucket_config(
         config.common.names.llm_budget_bucket(),
         config.common.streams.replicas,
-    ))
-    .await
-    .map_err(|e| anyhow::anyhow!("creating the LLM budget bucket: {e}"))
+    )
 }
 
 /// Runs the enricher until `shutdown` fires.
@@ -169,6 +173,8 @@ pub async fn run_with(
         Arc::new(fleet::KvStore::new(
             bucket,
             fleet::budget_key(&llm.model, endpoint_id.as_str()),
+            js.clone(),
+            budget_bucket_config(&config),
         )),
         budget::Ceiling {
             rpm: llm.rpm.map(f64::from),

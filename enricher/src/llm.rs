@@ -290,14 +290,31 @@ pub fn rate_headers(headers: &HeaderMap) -> RateHeaders {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|x| x.is_finite() && *x >= 0.0)
     };
+    let remaining_requests = number("x-ratelimit-remaining-requests");
+    let remaining_tokens = number("x-ratelimit-remaining-tokens");
+    let reset_requests = header("x-ratelimit-reset-requests").and_then(parse_reset);
+    let reset_tokens = header("x-ratelimit-reset-tokens").and_then(parse_reset);
+    // How long to wait: the server's Retry-After; else the reset of what ran out (a token
+    // bucket's reset is when it is full again, minutes, not when one request fits); else
+    // the longest reset.
+    let exhausted = |remaining: Option<f64>, reset: Option<Duration>| {
+        reset.filter(|_| remaining.is_some_and(|r| r < 1.0))
+    };
+    let wait = header(RETRY_AFTER.as_str())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+        .or_else(|| {
+            exhausted(remaining_requests, reset_requests)
+                .max(exhausted(remaining_tokens, reset_tokens))
+        })
+        .or_else(|| retry_after(headers));
     RateHeaders {
-        retry_after: retry_after(headers),
+        retry_after: wait,
         limit_requests: number("x-ratelimit-limit-requests"),
         limit_tokens: number("x-ratelimit-limit-tokens"),
-        remaining_requests: number("x-ratelimit-remaining-requests"),
-        remaining_tokens: number("x-ratelimit-remaining-tokens"),
-        reset_requests: header("x-ratelimit-reset-requests").and_then(parse_reset),
-        reset_tokens: header("x-ratelimit-reset-tokens").and_then(parse_reset),
+        remaining_requests,
+        remaining_tokens,
+        reset_requests,
+        reset_tokens,
     }
 }
 
@@ -402,6 +419,14 @@ mod tests {
         assert_eq!(r.reset_requests, Some(Duration::from_millis(120)));
         assert_eq!(r.limit_tokens, None);
         assert_eq!(r.remaining_tokens, None);
+        // No Retry-After: the reset of what ran out, not the longest one.
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
+        assert_eq!(
+            rate_headers(&h).retry_after,
+            Some(Duration::from_millis(120))
+        );
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(rate_headers(&h).retry_after, Some(Duration::from_secs(2)));
     }
 
     #[test]

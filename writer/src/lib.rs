@@ -127,6 +127,19 @@ async fn run_inner(
         ops.stop().await;
         return Ok(ExitCode::SUCCESS);
     };
+    // The work left in every stage, from as soon as NATS answers (Postgres may still be
+    // down): the writer always runs, so a scaler always has the series.
+    let lag = tokio::spawn(
+        tardis_common::nats::lag::export(
+            async_nats::jetstream::new(client.clone()),
+            config.common.names.clone(),
+            tardis_common::nats::lag::LagMetrics::register(&ops.registry)
+                .context("registering metrics")?,
+            Duration::from_secs(5),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     // The schema must be the one this build knows; wait for Postgres if it is not up yet.
     match connect_with_retry(&pool, &config, &shutdown).await {
         Ok(client) => migrate::check(&client).await?,
@@ -160,19 +173,6 @@ async fn run_inner(
         .context("provisioning JetStream")?;
     info!(postgres = %config.postgres.display_target(), ordinal = config.ordinal, "writer ready");
     let mut loops = JoinSet::new();
-    // The work left in every stage: the writer always runs, so the series always exist.
-    let lag_metrics = tardis_common::nats::lag::LagMetrics::register(&ops.registry)
-        .context("registering metrics")?;
-    loops.spawn(
-        tardis_common::nats::lag::export(
-            js.clone(),
-            names.clone(),
-            lag_metrics,
-            Duration::from_secs(5),
-            shutdown.clone(),
-        )
-        .in_current_span(),
-    );
     for (kind, consumer_kind) in [
         (consume::Kind::Records, ConsumerKind::Writer),
         (consume::Kind::DeadLetters, ConsumerKind::WriterDlq),
@@ -207,6 +207,7 @@ async fn run_inner(
         r.context("a writer loop panicked")?;
     }
     watcher.await.context("postgres watcher")?;
+    lag.await.context("the lag exporter")?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),

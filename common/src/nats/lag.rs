@@ -75,6 +75,14 @@ pub fn undeliverable(in_stream: u64, consumer: Option<(u64, u64)>) -> u64 {
     }
 }
 
+fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 /// Every `every`, sets the gauges for every stage, until `stop`.
 pub async fn export(
     js: jetstream::Context,
@@ -89,21 +97,41 @@ pub async fn export(
         ConsumerKind::WriterDlq,
         ConsumerKind::WriterRuns,
     ];
-    // Series from the start, so an alert or a scaler sees 0 rather than nothing.
-    for kind in kinds {
-        metrics.work_left.with_label_values(&[stage(kind)]).set(0);
-        metrics
+    // A series is set only from a reading: when NATS cannot be read it is removed, so that a
+    // scaler or an alert sees "unknown" (absent), never a stale or made-up 0.
+    let forget = |kind: ConsumerKind, stream_name: &str| {
+        if metrics
+            .work_left
+            .remove_label_values(&[stage(kind)])
+            .is_ok()
+        {
+            debug!(stream = %stream_name, "work left unknown");
+        }
+        if metrics
             .undeliverable
-            .with_label_values(&[&names.stream(kind.stream())])
-            .set(0);
-    }
+            .remove_label_values(&[stream_name])
+            .is_ok()
+        {
+            debug!(stream = %stream_name, "undeliverable unknown");
+        }
+    };
     loop {
         for kind in kinds {
             let stream_name = names.stream(kind.stream());
             let mut stream = match js.get_stream(&stream_name).await {
                 Ok(s) => s,
+                Err(error) if is_stream_not_found(&error) => {
+                    // Nothing has created the stream yet: no work, for certain.
+                    metrics.work_left.with_label_values(&[stage(kind)]).set(0);
+                    metrics
+                        .undeliverable
+                        .with_label_values(&[&stream_name])
+                        .set(0);
+                    continue;
+                }
                 Err(error) => {
                     debug!(%error, stream = %stream_name, "stream info failed");
+                    forget(kind, &stream_name);
                     continue;
                 }
             };
@@ -111,6 +139,7 @@ pub async fn export(
                 Ok(info) => info.state.messages,
                 Err(error) => {
                     debug!(%error, stream = %stream_name, "stream info failed");
+                    forget(kind, &stream_name);
                     continue;
                 }
             };

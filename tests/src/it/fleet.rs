@@ -127,8 +127,9 @@ async fn a_replica_that_starts_later_gets_a_share_of_a_backlog() -> Result<()> {
     let (by_a, by_b) = (enriched_by(a_port).await?, enriched_by(b_port).await?);
     println!("enriched by the first replica: {by_a}, by the one started later: {by_b}");
     assert_eq!(by_a + by_b, 1200);
+    // Half each when both run from the start; the later one loses only its start-up time.
     assert!(
-        by_b >= 300,
+        by_b >= 200,
         "the replica started later enriched only {by_b} of 1200 records"
     );
     a.terminate()?;
@@ -307,6 +308,20 @@ async fn a_burst_scales_the_fleet_up_and_back_to_zero_and_every_record_lands_onc
         "LLM: {calls} calls, {throttled} answered 429; {sent} record enrichments for 20,000 records"
     );
     assert!(peak >= 3, "the fleet never scaled up: peak {peak}");
+    // Scaling down stops replicas with SIGTERM: they finish what they hold, so no record is
+    // sent to the LLM twice, and the writer wrote each record once (no replayed version).
+    assert_eq!(sent, 20_000, "records sent to the LLM more than once");
+    let (_, metrics) = http_get(&format!("http://127.0.0.1:{writer_ops}/metrics")).await?;
+    let written: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tardis_writer_rows_total{")
+                && l.contains("table=\"records\"")
+                && l.contains("outcome=\"written\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(written as u64, 20_000, "record versions written");
     assert!(
         throttled * 50 <= calls,
         "429s above 2 % of calls: {throttled} of {calls}"
