@@ -207,7 +207,37 @@ async fn a_burst_scales_the_fleet_up_and_back_to_zero_and_every_record_lands_onc
     let mut stopping = Vec::new();
     let mut cold_start: Option<tokio::task::JoinHandle<Result<Duration>>> = None;
     let mut peak = 0;
+    let consumer_lag = || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = t
+            .jetstream()
+            .get_stream(t.names().stream(StreamKind::Records))
+            .await?
+            .get_consumer(
+                &t.names()
+                    .consumer(tardis_common::nats::ConsumerKind::Enricher),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = c.info().await?;
+        anyhow::Ok(info.num_pending + info.num_ack_pending as u64)
+    };
+    let mut compared = 0;
     loop {
+        // One definition: the messages in the stream are KEDA's num_pending + num_ack_pending
+        // (read before and after, as the drain only lowers both).
+        if let Ok(before) = consumer_lag().await {
+            let mut s = t
+                .jetstream()
+                .get_stream(t.names().stream(StreamKind::Records))
+                .await?;
+            let in_stream = s.info().await?.state.messages;
+            let after = consumer_lag().await?;
+            assert!(
+                after <= in_stream && in_stream <= before,
+                "stream {in_stream} vs consumer lag {before}..{after}"
+            );
+            compared += 1;
+        }
         let lag = work_left(writer_ops).await?.unwrap_or(0);
         let desired = (lag.div_ceil(TARGET) as usize).min(MAX);
         let now = tokio::time::Instant::now();
@@ -277,6 +307,10 @@ async fn a_burst_scales_the_fleet_up_and_back_to_zero_and_every_record_lands_onc
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     println!("replicas over time:\n{}", timeline.join("\n"));
+    assert!(
+        compared > 10,
+        "the stream and the consumer were compared {compared} times"
+    );
     for s in stopping {
         s.await??;
     }
