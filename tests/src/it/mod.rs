@@ -1,6 +1,7 @@
 //! Integration tests: real nats-server, real Postgres, real worker binaries.
 
 mod binaries;
+mod cluster;
 mod config;
 mod delivery;
 mod enricher;
