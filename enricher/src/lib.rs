@@ -111,9 +111,13 @@ async fn provision_jetstream(
         )
         .await
         .context("provisioning JetStream")?;
-    js.create_or_update_key_value(budget_bucket_config(config))
-        .await
-        .map_err(|e| anyhow::anyhow!("creating the LLM budget bucket: {e}"))
+    let bucket = budget_bucket_config(config);
+    let name = bucket.bucket.clone();
+    tardis_common::nats::retrying("bucket", &name, || {
+        js.create_or_update_key_value(bucket.clone())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating the LLM budget bucket: {e}"))
 }
 
 fn budget_bucket_config(config: &Config) -> async_nats::jetstream::kv::Config {

@@ -103,14 +103,16 @@ pub async fn run_with(
         .get_key_value(config.common.names.fetch_state_bucket())
         .await
         .context("opening the fetch-state bucket")?;
-    let leases = js
-        .create_or_update_key_value(state::lease_bucket_config(
-            config.common.names.fetch_lease_bucket(),
-            config.lease_ttl,
-            config.common.streams.replicas,
-        ))
-        .await
-        .context("creating the fetch-lease bucket")?;
+    let lease_bucket = state::lease_bucket_config(
+        config.common.names.fetch_lease_bucket(),
+        config.lease_ttl,
+        config.common.streams.replicas,
+    );
+    let leases = tardis_common::nats::retrying("bucket", &lease_bucket.bucket.clone(), || {
+        js.create_or_update_key_value(lease_bucket.clone())
+    })
+    .await
+    .context("creating the fetch-lease bucket")?;
     let checkpoints = match &config.postgres {
         Some(pg) => Some(checkpoint::Checkpoints::new(
             pg.pool().context("building the Postgres pool")?,

@@ -1,14 +1,114 @@
 //! Provisioning: stream and consumer settings, created or updated idempotently.
+//!
+//! Every JetStream API call of provisioning is retried ([`retrying`]) while it times out or
+//! the cluster answers that it is not ready (a meta leader election, a cluster forming, peers
+//! still joining) — with backoff, for up to [`PROVISION_DEADLINE`]. Workers of a fresh install
+//! and the replicas of a Deployment start at the same moment; on a 3-node cluster their
+//! concurrent requests time out while the cluster settles, and a worker must not exit on the
+//! first timeout. A configuration the server refuses fails at once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
-use tracing::info;
+use async_nats::jetstream::{self, ErrorCode, consumer, kv, stream};
+use tracing::{info, warn};
 
 use crate::config::Reader;
 
 use super::{ConsumerKind, Names, NatsError, StreamKind};
+
+/// How long provisioning keeps retrying timeouts and a cluster that is not ready.
+pub const PROVISION_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A JetStream API error that may go away if the call is repeated.
+pub trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+/// Cluster states that pass: no leader yet, peers joining, an asset offline during a move.
+fn cluster_settling(code: ErrorCode) -> bool {
+    [
+        ErrorCode::CLUSTER_NOT_AVAILABLE,
+        ErrorCode::CLUSTER_NOT_LEADER,
+        ErrorCode::CLUSTER_NOT_ACTIVE,
+        ErrorCode::CLUSTER_NOT_ASSIGNED,
+        ErrorCode::CLUSTER_INCOMPLETE,
+        ErrorCode::CLUSTER_NO_PEERS,
+        ErrorCode::CLUSTER_SERVER_MEMBER_CHANGE_INFLIGHT,
+        ErrorCode::PEER_REMAP,
+        ErrorCode::STREAM_OFFLINE,
+        ErrorCode::CONSUMER_OFFLINE,
+    ]
+    .contains(&code)
+}
+
+impl Transient for async_nats::error::Error<jetstream::context::CreateStreamErrorKind> {
+    fn is_transient(&self) -> bool {
+        use jetstream::context::CreateStreamErrorKind as K;
+        match self.kind() {
+            K::TimedOut | K::JetStreamUnavailable | K::Response => true,
+            K::JetStream(e) => cluster_settling(e.error_code()),
+            _ => false,
+        }
+    }
+}
+
+impl Transient for async_nats::error::Error<jetstream::context::GetStreamErrorKind> {
+    fn is_transient(&self) -> bool {
+        use jetstream::context::GetStreamErrorKind as K;
+        match self.kind() {
+            K::Request => true,
+            K::JetStream(e) => cluster_settling(e.error_code()),
+            _ => false,
+        }
+    }
+}
+
+impl Transient for async_nats::error::Error<stream::ConsumerErrorKind> {
+    fn is_transient(&self) -> bool {
+        use stream::ConsumerErrorKind as K;
+        match self.kind() {
+            K::TimedOut | K::Request => true,
+            K::JetStream(e) => cluster_settling(e.error_code()),
+            _ => false,
+        }
+    }
+}
+
+impl Transient for async_nats::error::Error<jetstream::context::CreateKeyValueErrorKind> {
+    fn is_transient(&self) -> bool {
+        use jetstream::context::CreateKeyValueErrorKind as K;
+        // The kind does not carry the server's code: a bucket's stream that could not be
+        // created is retried within the deadline, like a timeout.
+        matches!(self.kind(), K::TimedOut | K::JetStream | K::BucketCreate)
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or [`PROVISION_DEADLINE`] has passed since
+/// the first try; waits with backoff between tries.
+pub async fn retrying<T, E, F, Fut>(what: &str, name: &str, mut op: F) -> Result<T, E>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let backoff = crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && started.elapsed() < PROVISION_DEADLINE => {
+                let delay = backoff.delay(attempt);
+                attempt += 1;
+                warn!(kind = what, name, error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "provisioning timed out or the cluster is not ready; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Stream settings shared by every worker: `TARDIS_STREAM_REPLICAS`, `TARDIS_STREAM_MAX_BYTES`,
 /// `TARDIS_DUPLICATE_WINDOW`.
@@ -189,13 +289,14 @@ impl Topology {
                 .await
                 .ok()
                 .map(|s| s.cached_info().config.clone());
-            let info =
-                js.create_or_update_stream(config)
-                    .await
-                    .map_err(|source| NatsError::Stream {
-                        name: name.clone(),
-                        source,
-                    })?;
+            let info = retrying("stream", &name, || {
+                js.create_or_update_stream(config.clone())
+            })
+            .await
+            .map_err(|source| NatsError::Stream {
+                name: name.clone(),
+                source,
+            })?;
             let outcome = match before {
                 None => Provisioned::Created,
                 Some(b) if b == info.config => Provisioned::Unchanged,
@@ -207,26 +308,26 @@ impl Topology {
         for spec in consumers {
             let stream_name = self.names.stream(spec.kind.stream());
             let name = self.names.consumer(spec.kind);
-            let stream =
-                js.get_stream(&stream_name)
-                    .await
-                    .map_err(|source| NatsError::GetStream {
-                        name: stream_name.clone(),
-                        source,
-                    })?;
+            let stream = retrying("stream", &stream_name, || js.get_stream(&stream_name))
+                .await
+                .map_err(|source| NatsError::GetStream {
+                    name: stream_name.clone(),
+                    source,
+                })?;
             let before = stream
                 .get_consumer::<consumer::pull::Config>(&name)
                 .await
                 .ok()
                 .map(|c| c.cached_info().config.clone());
-            let mut consumer = stream
-                .create_consumer(self.consumer_config(spec))
-                .await
-                .map_err(|source| NatsError::Consumer {
-                    stream: stream_name.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
+            let mut consumer = retrying("consumer", &name, || {
+                stream.create_consumer(self.consumer_config(spec))
+            })
+            .await
+            .map_err(|source| NatsError::Consumer {
+                stream: stream_name.clone(),
+                name: name.clone(),
+                source,
+            })?;
             let after = consumer.info().await.ok().map(|i| i.config.clone());
             let outcome = match (before, after) {
                 (None, _) => Provisioned::Created,
@@ -244,13 +345,14 @@ impl Topology {
                 .await
                 .ok()
                 .map(|s| s.cached_info().config.clone());
-            let store = js
-                .create_or_update_key_value(config)
-                .await
-                .map_err(|source| NatsError::Bucket {
-                    name: name.clone(),
-                    source,
-                })?;
+            let store = retrying("bucket", &name, || {
+                js.create_or_update_key_value(config.clone())
+            })
+            .await
+            .map_err(|source| NatsError::Bucket {
+                name: name.clone(),
+                source,
+            })?;
             let after = js
                 .get_stream(format!("KV_{name}"))
                 .await
