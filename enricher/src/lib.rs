@@ -168,15 +168,13 @@ pub async fn run_with(
         protocol::system_prompt(config.enrich.prompt.as_deref(), &config.enrich.schema);
     let prompt_version = protocol::prompt_version(&system_prompt, &config.enrich.schema);
     let llm = &config.llm;
-    let mut endpoint_id = llm.endpoint.clone();
-    endpoint_id.set_query(None);
-    if endpoint_id.set_username("").is_err() || endpoint_id.set_password(None).is_err() {
-        tracing::trace!("endpoint has no credentials to remove");
-    }
     let budget = Arc::new(fleet::Budget::new(
         Arc::new(fleet::KvStore::new(
             bucket,
-            fleet::budget_key(&llm.model, endpoint_id.as_str()),
+            fleet::budget_key(
+                &llm.model,
+                &llm::endpoint_without_credentials(&llm.endpoint),
+            ),
             js.clone(),
             budget_bucket_config(&config),
         )),

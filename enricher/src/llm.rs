@@ -118,12 +118,7 @@ impl LlmClient {
 
     /// The endpoint without credentials or query, for messages.
     pub fn endpoint_for_logs(&self) -> String {
-        let mut u = self.endpoint.clone();
-        u.set_query(None);
-        if u.set_username("").is_err() || u.set_password(None).is_err() {
-            tracing::trace!("endpoint has no credentials to remove");
-        }
-        u.to_string()
+        endpoint_without_credentials(&self.endpoint)
     }
 
     /// One request, within the limits: a slot of this replica's concurrency, then one in the
@@ -280,6 +275,16 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         }
     }
     waits.into_iter().max()
+}
+
+/// `endpoint` without user info or query: for messages, and to name it in shared state.
+pub fn endpoint_without_credentials(endpoint: &Url) -> String {
+    let mut u = endpoint.clone();
+    u.set_query(None);
+    if u.set_username("").is_err() || u.set_password(None).is_err() {
+        tracing::trace!("endpoint has no credentials to remove");
+    }
+    u.to_string()
 }
 
 /// The provider's rate-limit headers (OpenAI's names, which most compatible servers use).

@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use devtools::mock_llm::{MockConfig, Running as MockLlm};
-use serde_json::json;
-use tardis_common::messages::{self, RecordChunk, SCHEMA_VERSION, SourceRecord};
-use tardis_common::nats::{Names, StreamKind, StreamSettings, Topology, publish_durably};
+use tardis_common::nats::{Names, StreamKind};
+use tardis_tests::harness::fleet::publish_records;
 use tardis_tests::harness::{Captured, NatsServer, bins, free_port};
-use tokio_util::sync::CancellationToken;
 
 struct Args {
     records: usize,
@@ -71,48 +69,8 @@ async fn main() -> Result<()> {
     let names = Names::with_prefix("benchenrich");
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client);
-    Topology::new(names.clone(), StreamSettings::default())
-        .provision(
-            &js,
-            &[StreamKind::Records, StreamKind::Enriched],
-            &[],
-            false,
-        )
-        .await?;
-    let per_chunk = 100;
-    let mut chunks = 0u64;
-    for (seq, start) in (0..a.records).step_by(per_chunk).enumerate() {
-        let records: Vec<SourceRecord> = (start..(start + per_chunk).min(a.records))
-            .map(|i| SourceRecord {
-                id: i.to_string(),
-                updated_at: None,
-                payload: serde_json::value::RawValue::from_string(
-                    json!({"id": i, "event": "review", "message": format!("Customer {i} says the new dashboard is great but export is slow")}).to_string(),
-                )
-                .expect("valid JSON"),
-            })
-            .collect();
-        let chunk = RecordChunk {
-            schema_version: SCHEMA_VERSION,
-            source: "bench".into(),
-            chunk_id: messages::chunk_id("bench", &records),
-            run_id: "bench".into(),
-            chunk_seq: seq as u64,
-            records,
-            cursor_after: None,
-            fetched_at: chrono::Utc::now(),
-        };
-        publish_durably(
-            &js,
-            &names.records_subject("bench"),
-            &chunk.msg_id(),
-            messages::encode(&chunk)?.into(),
-            Duration::from_secs(10),
-            &CancellationToken::new(),
-        )
-        .await?;
-        chunks += 1;
-    }
+    // Provisions the records and enriched streams, then publishes.
+    let chunks = publish_records(&js, &names, "bench", a.records, 100).await?;
     let mut cmd = Command::new(bins::bin("enricher")?);
     cmd.env_clear()
         .env("NATS_URL", nats.url())

@@ -83,14 +83,28 @@ async fn replicas_joining_and_killed_mid_run_stay_within_the_providers_limit() -
     Ok(())
 }
 
+/// The sum of the samples of `/metrics` at `port` whose line starts with `series` and
+/// contains every one of `labels`; `None` when there is none.
+async fn metric(port: u16, series: &str, labels: &[&str]) -> Result<Option<f64>> {
+    let (status, body) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
+    anyhow::ensure!(status == 200, "/metrics on port {port} answered {status}");
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with(series) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    Ok((!values.is_empty()).then(|| values.iter().sum()))
+}
+
 /// Records a replica enriched, from its `/metrics`.
 async fn enriched_by(ops_port: u16) -> Result<u64> {
-    let (_, body) = http_get(&format!("http://127.0.0.1:{ops_port}/metrics")).await?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with("tardis_enrich_records_total{") && l.contains("enriched"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+    Ok(metric(
+        ops_port,
+        "tardis_enrich_records_total{",
+        &["outcome=\"enriched\""],
+    )
+    .await?
+    .unwrap_or(0.0) as u64)
 }
 
 #[tokio::test]
@@ -139,14 +153,13 @@ async fn a_replica_that_starts_later_gets_a_share_of_a_backlog() -> Result<()> {
 
 /// `tardis_work_left_messages{stage="enrich"}` as the writer exports it.
 async fn work_left(writer_ops: u16) -> Result<Option<u64>> {
-    let (status, body) = http_get(&format!("http://127.0.0.1:{writer_ops}/metrics")).await?;
-    anyhow::ensure!(status == 200, "writer /metrics answered {status}");
-    Ok(body
-        .lines()
-        .find(|l| l.starts_with("tardis_work_left_messages{stage=\"enrich\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64))
+    Ok(metric(
+        writer_ops,
+        "tardis_work_left_messages{stage=\"enrich\"}",
+        &[],
+    )
+    .await?
+    .map(|v| v as u64))
 }
 
 #[tokio::test]
@@ -345,16 +358,13 @@ async fn a_burst_scales_the_fleet_up_and_back_to_zero_and_every_record_lands_onc
     // Scaling down stops replicas with SIGTERM: they finish what they hold, so no record is
     // sent to the LLM twice, and the writer wrote each record once (no replayed version).
     assert_eq!(sent, 20_000, "records sent to the LLM more than once");
-    let (_, metrics) = http_get(&format!("http://127.0.0.1:{writer_ops}/metrics")).await?;
-    let written: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("tardis_writer_rows_total{")
-                && l.contains("table=\"records\"")
-                && l.contains("outcome=\"written\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let written = metric(
+        writer_ops,
+        "tardis_writer_rows_total{",
+        &["table=\"records\"", "outcome=\"written\""],
+    )
+    .await?
+    .unwrap_or(0.0);
     assert_eq!(written as u64, 20_000, "record versions written");
     assert!(
         throttled * 50 <= calls,
