@@ -1,8 +1,10 @@
 //! The written checkpoint in Postgres (owned by the writer; the fetcher only reads it).
 //!
 //! Used as the starting cursor when the fetch state is lost, and for the in-flight gauge
-//! (records published minus records written). Both are best effort: when Postgres is not
-//! configured or not reachable, the fetcher carries on without them.
+//! (records published minus records written). The gauge is best effort. The starting cursor
+//! is not: when Postgres is configured but the checkpoint cannot be read, the run fails
+//! rather than start from `initial_lookback`, which could skip what lies between the
+//! checkpoint and the lookback. Without Postgres configured, the lookback is the start.
 
 use deadpool_postgres::Pool;
 use tardis_common::messages::Cursor;
@@ -20,33 +22,31 @@ impl Checkpoints {
         Self { pool }
     }
 
-    async fn row(&self, source: &str) -> Option<(Option<serde_json::Value>, i64)> {
-        let client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(error = %tardis_common::error::chain(&e), "checkpoint not readable");
-                return None;
-            }
-        };
-        match client
+    async fn row(&self, source: &str) -> Result<Option<(Option<serde_json::Value>, i64)>, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        let row = client
             .query_opt(
                 "SELECT cursor, records_written FROM source_checkpoints WHERE source = $1",
                 &[&source],
             )
             .await
-        {
-            Ok(row) => row.map(|r| (r.get::<_, Option<serde_json::Value>>(0), r.get::<_, i64>(1))),
-            Err(e) => {
-                debug!(error = %tardis_common::error::chain(&e), "checkpoint not readable");
-                None
-            }
-        }
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        Ok(row.map(|r| (r.get::<_, Option<serde_json::Value>>(0), r.get::<_, i64>(1))))
     }
 
-    /// The source's written checkpoint, when there is one.
-    pub async fn cursor(&self, source: &str) -> Option<Cursor> {
-        let (cursor, _) = self.row(source).await?;
-        serde_json::from_value(cursor?).ok()
+    /// The source's written checkpoint, when there is one; an error when it cannot be read
+    /// (Postgres unreachable, refused, or a cursor this build cannot parse).
+    pub async fn cursor(&self, source: &str) -> Result<Option<Cursor>, String> {
+        let Some((Some(cursor), _)) = self.row(source).await? else {
+            return Ok(None);
+        };
+        serde_json::from_value(cursor)
+            .map(Some)
+            .map_err(|e| format!("the stored cursor is not one this fetcher reads: {e}"))
     }
 
     /// Sets `tardis_fetch_records_in_flight` from the count published and the count written.
@@ -56,7 +56,14 @@ impl Checkpoints {
         published_total: u64,
         metrics: &FetchMetrics,
     ) {
-        if let Some((_, written)) = self.row(source).await {
+        let row = match self.row(source).await {
+            Ok(row) => row,
+            Err(error) => {
+                debug!(%error, "checkpoint not readable; the in-flight gauge is not updated");
+                None
+            }
+        };
+        if let Some((_, written)) = row {
             let in_flight = (published_total as i64 - written).max(0);
             metrics
                 .in_flight

@@ -256,7 +256,7 @@ impl Collector {
         };
         let start_cursor = match saved.as_ref().and_then(|s| s.cursor.clone()) {
             Some(c) => Some(c),
-            None if incremental => self.checkpoint_cursor(&source.name).await,
+            None if incremental => self.checkpoint_cursor(&source.name).await?,
             None => None,
         };
         let mut progress = Progress {
@@ -468,12 +468,23 @@ impl Collector {
     }
 
     /// The written checkpoint in Postgres, when the fetch state has no cursor.
-    async fn checkpoint_cursor(&self, source: &str) -> Option<Cursor> {
-        let cursor = self.checkpoints.as_ref()?.cursor(source).await?;
-        info!(
-            ?cursor,
-            "no fetch state; starting from the written checkpoint in Postgres"
-        );
-        Some(cursor)
+    async fn checkpoint_cursor(&self, source: &str) -> Result<Option<Cursor>, FetchError> {
+        let Some(checkpoints) = self.checkpoints.as_ref() else {
+            return Ok(None);
+        };
+        let cursor = checkpoints
+            .cursor(source)
+            .await
+            .map_err(|error| FetchError::Checkpoint {
+                source_name: source.to_string(),
+                error,
+            })?;
+        if let Some(cursor) = &cursor {
+            info!(
+                ?cursor,
+                "no fetch state; starting from the written checkpoint in Postgres"
+            );
+        }
+        Ok(cursor)
     }
 }

@@ -100,6 +100,10 @@ pub enum FetchError {
     },
     #[error("source {source_name}: interrupted by shutdown")]
     Cancelled { source_name: String },
+    #[error(
+        "source {source_name}: there is no fetch state, and the written checkpoint in Postgres cannot be read ({error}); not starting from initial_lookback, which could skip records. Fix the fetcher's Postgres access (PGHOST, DB_PASSWORD), or unset PGHOST and DATABASE_URL for it to start from initial_lookback"
+    )]
+    Checkpoint { source_name: String, error: String },
     #[error("source {source_name}: {error}")]
     State {
         source_name: String,

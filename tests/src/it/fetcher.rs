@@ -983,3 +983,39 @@ async fn daemon_runs_each_source_on_its_schedule_until_stopped() -> Result<()> {
     );
     Ok(())
 }
+
+/// With no fetch state, a fetcher that is configured with Postgres must read the written
+/// checkpoint before it falls back to `initial_lookback`: starting 24 hours back when the
+/// checkpoint is older would skip records while reporting success.
+#[tokio::test]
+async fn an_unreadable_checkpoint_fails_the_run_instead_of_starting_from_the_lookback() -> Result<()>
+{
+    let t = TestNats::new().await?;
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(LegacyApi::with(&[(1, "2026-11-01T10:00:00Z")]))
+        .mount(&server)
+        .await;
+    let sources = json!([{"name": "s", "url": format!("{}/s", server.uri())}]);
+    let closed = crate::harness::free_port()?.to_string();
+    let e = env(
+        &t,
+        sources,
+        &[
+            ("PGHOST", "127.0.0.1"),
+            ("PGPORT", closed.as_str()),
+            ("PGUSER", "tardis"),
+            ("DB_CONNECT_TIMEOUT", "1s"),
+        ],
+    );
+    assert_eq!(run_in_process(&e, run_all()).await?, ExitCode::from(1));
+    assert!(requests(&server).await.is_empty(), "nothing fetched");
+    let runs = runs(&t).await?;
+    assert_eq!(runs.len(), 1);
+    let error = runs[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("the written checkpoint in Postgres cannot be read"),
+        "{error}"
+    );
+    Ok(())
+}
