@@ -5,7 +5,8 @@
 //! * Traces: exported with OTLP over HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
 //!   (`OTEL_SERVICE_NAME` defaults to the component name).
 //! * Trace context crosses NATS as a W3C `traceparent` header: [`inject_context`] when
-//!   publishing, [`extract_context`] when consuming, so one trace spans fetch → enrich → write.
+//!   publishing, [`extract_context`] when consuming, so one trace spans fetch → enrich; the
+//!   writer's batch span is linked ([`link_from`]) to every message it writes.
 //!
 //! [`init`] returns a [`TelemetryGuard`]; dropping it flushes the spans still buffered.
 //! Call [`init`] before starting the Tokio runtime and drop the guard after it has stopped.
@@ -173,6 +174,17 @@ pub fn set_parent_from(span: &tracing::Span, headers: Option<&async_nats::Header
     let cx = extract_context(headers);
     if let Err(e) = span.set_parent(cx) {
         tracing::debug!(error = %e, "span parent not set");
+    }
+}
+
+/// Links `span` to the trace context carried in `headers`, when there is one: for a span
+/// with many parents (a writer batch of many messages).
+pub fn link_from(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = extract_context(headers);
+    let linked = cx.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
     }
 }
 

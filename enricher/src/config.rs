@@ -52,6 +52,10 @@ pub struct LlmSettings {
     /// `LLM_PRICE_INPUT_PER_MTOK` / `LLM_PRICE_OUTPUT_PER_MTOK`: USD per million tokens, default 0.42.
     pub price_input: f64,
     pub price_output: f64,
+    /// `LLM_DAILY_BUDGET_USD`: the fleet's LLM budget per day, exported as
+    /// `tardis_llm_daily_budget_usd` for the alert `TardisLlmDailyBudgetExceeded` (the
+    /// enrichers do not stop at it); unset: no budget.
+    pub daily_budget_usd: Option<f64>,
     /// `LLM_MAX_ATTEMPTS`: tries per record whose result is invalid before it is dead-lettered, default 3.
     pub max_attempts: u32,
     /// `LLM_RETRY_DELAY`: backoff base for 429/5xx/timeouts, default 1 s (capped at 60 s).
@@ -159,6 +163,10 @@ impl LlmSettings {
             concurrency: r.positive_u32("LLM_CONCURRENCY", 4),
             price_input: float(r, "LLM_PRICE_INPUT_PER_MTOK", 0.42, 0.0, 1e6),
             price_output: float(r, "LLM_PRICE_OUTPUT_PER_MTOK", 0.42, 0.0, 1e6),
+            daily_budget_usd: r
+                .string("LLM_DAILY_BUDGET_USD")
+                .is_some()
+                .then(|| float(r, "LLM_DAILY_BUDGET_USD", 100.0, 0.0, 1e9)),
             max_attempts: r.positive_u32("LLM_MAX_ATTEMPTS", 3),
             retry_delay: r.duration("LLM_RETRY_DELAY", Duration::from_secs(1)),
             retry_max_wait: r.duration("LLM_RETRY_MAX_WAIT", Duration::from_secs(60)),

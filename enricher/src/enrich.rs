@@ -91,6 +91,7 @@ pub struct LlmHealth {
     halted: Mutex<Option<String>>,
     halt: CancellationToken,
     ready: ReadyFlag,
+    halted_gauge: Option<prometheus::IntGauge>,
 }
 
 impl LlmHealth {
@@ -101,7 +102,14 @@ impl LlmHealth {
             halted: Mutex::new(None),
             halt: CancellationToken::new(),
             ready,
+            halted_gauge: None,
         }
+    }
+
+    /// Sets `gauge` to 1 when the enricher halts (`tardis_enrich_halted`).
+    pub fn with_halted_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        self.halted_gauge = Some(gauge);
+        self
     }
 
     fn success(&self) {
@@ -132,6 +140,9 @@ impl LlmHealth {
             *h = Some(reason);
         }
         self.ready.set(false);
+        if let Some(g) = &self.halted_gauge {
+            g.set(1);
+        }
         self.halt.cancel();
     }
 

@@ -140,6 +140,11 @@ pub async fn run_with(
 ) -> anyhow::Result<ExitCode> {
     let ops = Ops::start(COMPONENT, &config.common.ops).await?;
     let metrics = metrics::EnrichMetrics::register(&ops.registry).context("registering metrics")?;
+    metrics.precreate(&config.llm.model);
+    if let Some(usd) = config.llm.daily_budget_usd {
+        metrics::EnrichMetrics::register_daily_budget(&ops.registry, usd)
+            .context("registering metrics")?;
+    }
     let nats_ready = ops.readiness.flag("nats");
     let llm_ready = ops.readiness.flag("llm");
     let Some(client) = tardis_common::app::connect_nats(
@@ -204,7 +209,8 @@ pub async fn run_with(
         response_format = llm.response_format.as_str(),
         "enricher ready"
     );
-    let health = Arc::new(enrich::LlmHealth::new(llm_ready));
+    let health =
+        Arc::new(enrich::LlmHealth::new(llm_ready).with_halted_gauge(metrics.halted.clone()));
     let processor = Arc::new(enrich::BatchProcessor {
         client: Arc::new(llm_client),
         schema: config.enrich.schema.clone(),

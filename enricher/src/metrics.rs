@@ -1,8 +1,8 @@
 //! The enricher's metrics. Labels: `source`, `model`, and small fixed sets.
 
 use prometheus::{
-    CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
-    Registry, exponential_buckets,
+    CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, exponential_buckets,
 };
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,7 @@ pub struct EnrichMetrics {
     pub budget_used: IntCounterVec,
     pub budget_wait: Histogram,
     pub budget_booked: Gauge,
+    pub halted: IntGauge,
 }
 
 impl EnrichMetrics {
@@ -163,6 +164,39 @@ impl EnrichMetrics {
                     "How far ahead the fleet's budget is booked at this replica's last request: above zero, the provider's limits (not the replica count) bound throughput",
                 ))?,
             )?,
+            halted: reg(
+                registry,
+                IntGauge::with_opts(Opts::new(
+                    "tardis_enrich_halted",
+                    "1 while this enricher is halted because the LLM endpoint refuses it (401/403/404, or answers that are not completions): it takes no work until restarted with a fixed configuration",
+                ))?,
+            )?,
         })
+    }
+
+    /// Exports `LLM_DAILY_BUDGET_USD` as `tardis_llm_daily_budget_usd` (only when it is set:
+    /// a series at 0 would read as a budget of nothing).
+    pub fn register_daily_budget(registry: &Registry, usd: f64) -> prometheus::Result<()> {
+        let gauge = tardis_common::metrics::register(
+            registry,
+            Gauge::with_opts(Opts::new(
+                "tardis_llm_daily_budget_usd",
+                "LLM_DAILY_BUDGET_USD: the fleet's LLM budget per day in US dollars (absent when unset)",
+            ))?,
+        )?;
+        gauge.set(usd);
+        Ok(())
+    }
+
+    /// Creates, at zero, the series of the counters whose labels are known at start-up, so
+    /// that their first event is an increase that alerts see.
+    pub fn precreate(&self, model: &str) {
+        for kind in ["newer_version", "broken"] {
+            self.unreadable.with_label_values(&[kind]);
+        }
+        for status in ["200", "429"] {
+            self.llm_requests.with_label_values(&[model, status]);
+        }
+        self.halted.set(0);
     }
 }

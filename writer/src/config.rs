@@ -44,6 +44,15 @@ pub struct Config {
     /// (a crash-test hook; never set it in production).
     pub crash_after_commit: bool,
     pub command: Command,
+    /// `writer migrate` only: the optional least-privilege roles ([`crate::roles`]).
+    pub roles: RolesSettings,
+}
+
+/// `TARDIS_DB_ROLES` (default false) and the roles' passwords, `TARDIS_<ROLE>_DB_PASSWORD`.
+#[derive(Debug, Clone, Default)]
+pub struct RolesSettings {
+    pub create: bool,
+    pub passwords: Vec<(&'static str, tardis_common::secret::Secret<String>)>,
 }
 
 impl Config {
@@ -75,6 +84,22 @@ impl Config {
             .and_then(|h| h.rsplit('-').next().and_then(|n| n.parse().ok()))
             .unwrap_or(0);
         let crash_after_commit = r.bool("WRITER_TEST_CRASH_AFTER_COMMIT", false);
+        let mut roles = RolesSettings::default();
+        if command == Command::Migrate {
+            roles.create = r.bool("TARDIS_DB_ROLES", false);
+            for role in crate::roles::ROLES {
+                if let Some(password) = r.secret(role.password_env) {
+                    if !roles.create {
+                        r.problem(
+                            role.password_env,
+                            "is set but TARDIS_DB_ROLES is not true, so no role would get it",
+                            "set TARDIS_DB_ROLES=true for `writer migrate` to create the roles",
+                        );
+                    }
+                    roles.passwords.push((role.name, password));
+                }
+            }
+        }
         r.finish()?;
         Ok(Self {
             common,
@@ -86,6 +111,7 @@ impl Config {
             ordinal,
             crash_after_commit,
             command,
+            roles,
         })
     }
 }

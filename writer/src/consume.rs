@@ -36,7 +36,7 @@ use tardis_common::messages::{
 use tardis_common::nats::{Names, publish_durably};
 use tardis_common::ops::ReadyFlag;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::metrics::WriterMetrics;
 
@@ -53,7 +53,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Kind::Records => "writer",
             Kind::DeadLetters => "writer-dlq",
@@ -190,7 +190,22 @@ impl Loop {
         if good.is_empty() {
             return;
         }
-        match self.write(&good).await {
+        // One span per batch, linked to the trace of every message in it (a batch has many
+        // parents), so a record's trace goes on from its chunk to the transaction.
+        // Its own root: the process-long `writer` span must not make every batch one trace.
+        let span = tracing::info_span!(
+            parent: None,
+            "write batch",
+            consumer = self.kind.label(),
+            messages = good.len(),
+            rows_written = tracing::field::Empty,
+            commit_seconds = tracing::field::Empty,
+        );
+        for (msg, _) in &good {
+            tardis_common::telemetry::link_from(&span, msg.headers.as_ref());
+        }
+        let written = self.write(&good).instrument(span.clone()).await;
+        match written {
             Ok(()) => self.ack_all(&good).await,
             Err(WriteError::Busy(e)) => {
                 warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "the transaction timed out or conflicted; the batch goes back to the stream");
@@ -323,6 +338,8 @@ impl Loop {
                         .inc_by(dead);
                 }
                 let total: u64 = chunks.iter().map(|c| c.records.len() as u64).sum();
+                tracing::Span::current()
+                    .record("rows_written", changed.values().copied().sum::<u64>());
                 for source in &sources {
                     let written = changed.get(source).copied().unwrap_or(0);
                     let offered: u64 = chunks
@@ -339,13 +356,24 @@ impl Loop {
                         .with_label_values(&["records", source, "unchanged"])
                         .inc_by(offered.saturating_sub(written));
                 }
+                let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+                for source in &sources {
+                    self.metrics
+                        .checkpoint_written
+                        .with_label_values(&[source])
+                        .set(now);
+                }
                 for (source, (cursor, _)) in &cursors {
                     if let messages::Cursor::Position { updated_at, .. } = cursor {
-                        let age = (Utc::now() - *updated_at).num_milliseconds() as f64 / 1000.0;
-                        self.metrics
-                            .checkpoint_age
-                            .with_label_values(&[source])
-                            .set(age);
+                        // Monotonic like the checkpoint: a late older chunk does not lower it.
+                        let gauge = self
+                            .metrics
+                            .checkpoint_timestamp
+                            .with_label_values(&[source]);
+                        let at = updated_at.timestamp_millis() as f64 / 1000.0;
+                        if at > gauge.get() {
+                            gauge.set(at);
+                        }
                     }
                 }
                 debug!(records = total, messages = batch.len(), "batch committed");
@@ -364,6 +392,7 @@ impl Loop {
                 let n = store::write_dead_letters(&tx, &letters)
                     .await
                     .map_err(classify)?;
+                tracing::Span::current().record("rows_written", n);
                 tx.commit().await.map_err(classify)?;
                 for l in &letters {
                     warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");
@@ -385,6 +414,7 @@ impl Loop {
                     })
                     .collect();
                 let n = store::write_runs(&tx, &runs).await.map_err(classify)?;
+                tracing::Span::current().record("rows_written", n);
                 tx.commit().await.map_err(classify)?;
                 self.metrics
                     .rows
@@ -392,10 +422,12 @@ impl Loop {
                     .inc_by(n);
             }
         }
+        let took = started.elapsed().as_secs_f64();
         self.metrics
             .commit_seconds
             .with_label_values(&[self.kind.label()])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took);
+        tracing::Span::current().record("commit_seconds", took);
         self.metrics
             .batch_messages
             .with_label_values(&[self.kind.label()])

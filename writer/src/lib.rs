@@ -11,6 +11,7 @@ pub mod config;
 pub mod consume;
 pub mod metrics;
 pub mod migrate;
+pub mod roles;
 pub mod store;
 
 use std::process::ExitCode;
@@ -98,12 +99,22 @@ async fn run_inner(
         .context("building the Postgres pool")?;
     if config.command == Command::Migrate {
         let mut client = connect_with_retry(&pool, &config, &shutdown).await?;
-        let applied = migrate::migrate(&mut client).await?;
+        let (applied, roles) = migrate::migrate_with_roles(
+            &mut client,
+            config
+                .roles
+                .create
+                .then_some(config.roles.passwords.as_slice()),
+        )
+        .await?;
         if applied.is_empty() {
             println!("schema up to date (version {})", migrate::latest());
         }
         for (version, name) in applied {
             println!("applied migration {version} ({name})");
+        }
+        for line in roles {
+            println!("{line}");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -113,6 +124,11 @@ async fn run_inner(
         .info
         .with_label_values(&[&config.ordinal.to_string()])
         .set(1);
+    metrics.precreate(&[
+        consume::Kind::Records.label(),
+        consume::Kind::DeadLetters.label(),
+        consume::Kind::Runs.label(),
+    ]);
     let nats_ready = ops.readiness.flag("nats");
     let pg_ready = ops.readiness.flag("postgres");
 
@@ -142,7 +158,15 @@ async fn run_inner(
     );
     // The schema must be the one this build knows; wait for Postgres if it is not up yet.
     match connect_with_retry(&pool, &config, &shutdown).await {
-        Ok(client) => migrate::check(&client).await?,
+        Ok(client) => match migrate::check(&client).await? {
+            migrate::SchemaStatus::Current => {}
+            migrate::SchemaStatus::AheadAdditive { found, unknown } => tracing::warn!(
+                found,
+                known = migrate::latest(),
+                newer = %unknown.join(", "),
+                "the schema is newer than this writer, by additive migrations only: running (upgrade the writer when you can)"
+            ),
+        },
         Err(_) if shutdown.is_cancelled() => {
             ops.stop().await;
             return Ok(ExitCode::SUCCESS);
@@ -155,6 +179,15 @@ async fn run_inner(
         Duration::from_secs(2),
         shutdown.clone(),
     ));
+    let checkpoints = tokio::spawn(
+        export_checkpoints(
+            pool.clone(),
+            metrics.clone(),
+            Duration::from_secs(30),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let js = async_nats::jetstream::new(client.clone());
     let names = config.common.names.clone();
     let topology = Topology::new(names.clone(), config.common.streams.clone());
@@ -207,6 +240,7 @@ async fn run_inner(
         r.context("a writer loop panicked")?;
     }
     watcher.await.context("postgres watcher")?;
+    checkpoints.await.context("the checkpoint exporter")?;
     lag.await.context("the lag exporter")?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
         Ok(Ok(())) => {}
@@ -215,4 +249,50 @@ async fn run_inner(
     }
     ops.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exports every source's written checkpoint from Postgres now and every `interval`, so that
+/// `tardis_writer_checkpoint_written_timestamp_seconds` and `..._checkpoint_timestamp_seconds`
+/// exist from the start and keep their values (and `time() - it` grows) while nothing is
+/// written; a failed read keeps the last values.
+async fn export_checkpoints(
+    pool: deadpool_postgres::Pool,
+    metrics: metrics::WriterMetrics,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let read = match pool.get().await {
+            Ok(client) => store::checkpoint_times(&client)
+                .await
+                .map_err(|e| tardis_common::error::chain(&e)),
+            Err(e) => Err(tardis_common::error::chain(&e)),
+        };
+        match read {
+            Ok(times) => {
+                for (source, written, newest) in times {
+                    let gauges = [
+                        (
+                            metrics.checkpoint_written.with_label_values(&[&source]),
+                            Some(written),
+                        ),
+                        (
+                            metrics.checkpoint_timestamp.with_label_values(&[&source]),
+                            newest,
+                        ),
+                    ];
+                    for (gauge, at) in gauges {
+                        if let Some(at) = at.filter(|at| *at > gauge.get()) {
+                            gauge.set(at);
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "reading the checkpoints failed; retried"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }

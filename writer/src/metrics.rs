@@ -10,7 +10,8 @@ pub struct WriterMetrics {
     pub rows: IntCounterVec,
     pub batch_messages: HistogramVec,
     pub commit_seconds: HistogramVec,
-    pub checkpoint_age: GaugeVec,
+    pub checkpoint_timestamp: GaugeVec,
+    pub checkpoint_written: GaugeVec,
     pub failures: IntCounterVec,
     pub unreadable: IntCounterVec,
     pub info: IntGaugeVec,
@@ -49,12 +50,22 @@ impl WriterMetrics {
                     &["consumer"],
                 )?,
             )?,
-            checkpoint_age: reg(
+            checkpoint_timestamp: reg(
                 registry,
                 GaugeVec::new(
                     Opts::new(
-                        "tardis_writer_checkpoint_age_seconds",
-                        "Age of the source's written checkpoint (now minus the cursor's updated_at)",
+                        "tardis_writer_checkpoint_timestamp_seconds",
+                        "The source's written checkpoint: the updated_at (Unix time) of the newest record written through; read from Postgres at start and every 30 s, so it stays exported (and ages) while nothing is written",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            checkpoint_written: reg(
+                registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tardis_writer_checkpoint_written_timestamp_seconds",
+                        "When a batch of the source was last committed (Unix time; source_checkpoints.updated_at): read from Postgres at start and every 30 s, so it ages while nothing of the source is written",
                     ),
                     &["source"],
                 )?,
@@ -90,5 +101,18 @@ impl WriterMetrics {
                 )?,
             )?,
         })
+    }
+
+    /// Creates the series of the counters that alerts watch, at zero, so that the first
+    /// event after a start is an increase (`increase()` does not see a series' first sample).
+    pub fn precreate(&self, consumers: &[&str]) {
+        for consumer in consumers {
+            for kind in ["connection", "data", "dead_lettered"] {
+                self.failures.with_label_values(&[consumer, kind]);
+            }
+            for kind in ["newer_version", "broken"] {
+                self.unreadable.with_label_values(&[consumer, kind]);
+            }
+        }
     }
 }

@@ -4,24 +4,56 @@
 //! session advisory lock (so two migrate Jobs never race), and records them in
 //! `tardis_schema_migrations` with a checksum. An applied migration whose checksum changed is
 //! an error: migrations are append-only. The running writer checks the schema version first
-//! and refuses a schema it does not know.
+//! and refuses a schema it does not know, with one exception that makes upgrades and
+//! rollbacks safe: each migration says whether it is **additive** (new tables, new nullable or
+//! defaulted columns, new indexes: nothing an older writer reads or writes changes), and that
+//! is recorded with it. A writer (or `writer migrate`) older than the schema runs when every
+//! migration it does not know is additive, and refuses otherwise. So after an upgrade's
+//! migration an old writer pod that restarts keeps working, and a rollback of the images
+//! needs no down-migration.
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
-/// `(version, name, sql)`, in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "init", include_str!("../migrations/0001_init.sql")),
-    (
-        2,
-        "dead_letter_raw",
-        include_str!("../migrations/0002_dead_letter_raw.sql"),
-    ),
+/// One embedded migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+    /// Writers that do not know this migration still work on the schema after it: it only
+    /// adds (tables, nullable or defaulted columns, indexes) and changes nothing they use.
+    pub additive: bool,
+}
+
+/// The migrations, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+        additive: false,
+    },
+    Migration {
+        version: 2,
+        name: "dead_letter_raw",
+        sql: include_str!("../migrations/0002_dead_letter_raw.sql"),
+        additive: true,
+    },
 ];
 
 /// The schema version this build expects.
 pub fn latest() -> i32 {
-    MIGRATIONS.last().map_or(0, |m| m.0)
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// What [`check`] found, when the writer can run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaStatus {
+    /// Exactly this build's version.
+    Current,
+    /// Newer, but every migration this build does not know is additive.
+    AheadAdditive { found: i32, unknown: Vec<String> },
 }
 
 const LOCK_KEY: i64 = 0x7461_7264_6973; // "tardis"
@@ -46,9 +78,13 @@ pub enum MigrateError {
     )]
     Behind { found: i32, expected: i32 },
     #[error(
-        "the database schema is at version {found}, newer than this writer knows ({expected}); upgrade the writer"
+        "the database schema is at version {found}, newer than this writer knows ({expected}), and migration {breaking} is not additive; upgrade the writer (or restore the database from before that migration)"
     )]
-    Ahead { found: i32, expected: i32 },
+    Ahead {
+        found: i32,
+        expected: i32,
+        breaking: String,
+    },
 }
 
 fn db(e: tokio_postgres::Error) -> MigrateError {
@@ -63,11 +99,32 @@ fn checksum(sql: &str) -> String {
 pub async fn migrate(
     client: &mut deadpool_postgres::Object,
 ) -> Result<Vec<(i32, String)>, MigrateError> {
+    migrate_with_roles(client, None)
+        .await
+        .map(|(applied, _)| applied)
+}
+
+/// [`migrate`], then (under the same lock, so two Jobs never race) the optional roles of
+/// [`crate::roles`]; returns the versions applied and what was done to the roles.
+pub async fn migrate_with_roles(
+    client: &mut deadpool_postgres::Object,
+    roles: Option<&[(&'static str, tardis_common::secret::Secret<String>)]>,
+) -> Result<(Vec<(i32, String)>, Vec<String>), MigrateError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await
         .map_err(db)?;
-    let result = apply(client).await;
+    let result = async {
+        let applied = apply(client).await?;
+        let done = match roles {
+            Some(passwords) => crate::roles::apply(client, passwords)
+                .await
+                .map_err(|e| MigrateError::Db(e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok((applied, done))
+    }
+    .await;
     if let Err(e) = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await
@@ -86,57 +143,130 @@ async fn apply(client: &mut deadpool_postgres::Object) -> Result<Vec<(i32, Strin
         )
         .await
         .map_err(db)?;
-    let rows = client
-        .query(
-            "SELECT version, name, checksum FROM tardis_schema_migrations ORDER BY version",
-            &[],
+    // Since 0.1: whether each migration is additive, for writers older than the schema.
+    client
+        .batch_execute(
+            "ALTER TABLE tardis_schema_migrations
+                ADD COLUMN IF NOT EXISTS additive boolean NOT NULL DEFAULT false",
         )
         .await
         .map_err(db)?;
-    let applied: Vec<(i32, String, String)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    for (version, name, sum) in &applied {
-        match MIGRATIONS.iter().find(|m| m.0 == *version) {
-            Some((_, _, sql)) if checksum(sql) != *sum => {
+    let applied = applied_migrations(client).await?;
+    for a in &applied {
+        match MIGRATIONS.iter().find(|m| m.version == a.version) {
+            Some(m) if checksum(m.sql) != a.checksum => {
                 return Err(MigrateError::Changed {
-                    version: *version,
-                    name: name.clone(),
-                    applied: sum.clone(),
-                    embedded: checksum(sql),
+                    version: a.version,
+                    name: a.name.clone(),
+                    applied: a.checksum.clone(),
+                    embedded: checksum(m.sql),
                 });
             }
             Some(_) => {}
-            None => {
-                return Err(MigrateError::Ahead {
-                    found: *version,
-                    expected: latest(),
-                });
-            }
+            None => {}
         }
     }
+    // A newer build migrated already: fine when all it added is additive (a rollback).
+    compatibility(&applied)?;
     let mut done = Vec::new();
-    for (version, name, sql) in MIGRATIONS {
-        if applied.iter().any(|a| a.0 == *version) {
+    for m in MIGRATIONS {
+        if applied.iter().any(|a| a.version == m.version) {
             continue;
         }
         let tx = client.transaction().await.map_err(db)?;
-        tx.batch_execute(sql).await.map_err(db)?;
+        tx.batch_execute(m.sql).await.map_err(db)?;
         tx.execute(
-            "INSERT INTO tardis_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[version, name, &checksum(sql)],
+            "INSERT INTO tardis_schema_migrations (version, name, checksum, additive)
+             VALUES ($1, $2, $3, $4)",
+            &[&m.version, &m.name, &checksum(m.sql), &m.additive],
         )
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        done.push((*version, name.to_string()));
+        done.push((m.version, m.name.to_string()));
+    }
+    // Rows recorded before the flag existed get this build's knowledge of their migrations.
+    for m in MIGRATIONS.iter().filter(|m| m.additive) {
+        client
+            .execute(
+                "UPDATE tardis_schema_migrations SET additive = true
+                  WHERE version = $1 AND NOT additive",
+                &[&m.version],
+            )
+            .await
+            .map_err(db)?;
     }
     Ok(done)
 }
 
-/// Checks that the schema is exactly the version this build knows.
-pub async fn check(client: &Client) -> Result<(), MigrateError> {
+/// A row of `tardis_schema_migrations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub version: i32,
+    pub name: String,
+    pub checksum: String,
+    pub additive: bool,
+}
+
+async fn applied_migrations(client: &Client) -> Result<Vec<Applied>, MigrateError> {
+    let has_flag: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+              WHERE table_name = 'tardis_schema_migrations' AND column_name = 'additive'
+                AND table_schema = current_schema())",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    let sql = if has_flag {
+        "SELECT version, name, checksum, additive FROM tardis_schema_migrations ORDER BY version"
+    } else {
+        "SELECT version, name, checksum, false FROM tardis_schema_migrations ORDER BY version"
+    };
+    let rows = client.query(sql, &[]).await.map_err(db)?;
+    Ok(rows
+        .iter()
+        .map(|r| Applied {
+            version: r.get(0),
+            name: r.get(1),
+            checksum: r.get(2),
+            additive: r.get(3),
+        })
+        .collect())
+}
+
+/// Whether this build can work on a schema with `applied` migrations: the policy, apart
+/// from the queries. Behind is for `writer migrate` to fix; ahead is fine only when every
+/// migration this build does not know is additive.
+pub fn compatibility(applied: &[Applied]) -> Result<SchemaStatus, MigrateError> {
+    let found = applied.iter().map(|a| a.version).max().unwrap_or(0);
+    let unknown: Vec<&Applied> = applied
+        .iter()
+        .filter(|a| !MIGRATIONS.iter().any(|m| m.version == a.version))
+        .collect();
+    if let Some(breaking) = unknown.iter().find(|a| !a.additive) {
+        return Err(MigrateError::Ahead {
+            found,
+            expected: latest(),
+            breaking: format!("{} ({})", breaking.version, breaking.name),
+        });
+    }
+    if !unknown.is_empty() {
+        return Ok(SchemaStatus::AheadAdditive {
+            found,
+            unknown: unknown
+                .iter()
+                .map(|a| format!("{} ({})", a.version, a.name))
+                .collect(),
+        });
+    }
+    Ok(SchemaStatus::Current)
+}
+
+/// Checks that this build can run on the schema: every migration it knows is applied, and
+/// any it does not know is additive.
+pub async fn check(client: &Client) -> Result<SchemaStatus, MigrateError> {
     let exists: bool = client
         .query_one(
             "SELECT to_regclass('tardis_schema_migrations') IS NOT NULL",
@@ -148,22 +278,78 @@ pub async fn check(client: &Client) -> Result<(), MigrateError> {
     if !exists {
         return Err(MigrateError::NotInitialised);
     }
-    let found: Option<i32> = client
-        .query_one("SELECT max(version) FROM tardis_schema_migrations", &[])
-        .await
-        .map_err(db)?
-        .get(0);
-    let found = found.unwrap_or(0);
-    match found.cmp(&latest()) {
-        std::cmp::Ordering::Equal => Ok(()),
-        std::cmp::Ordering::Less if found == 0 => Err(MigrateError::NotInitialised),
-        std::cmp::Ordering::Less => Err(MigrateError::Behind {
-            found,
+    let applied = applied_migrations(client).await?;
+    if applied.is_empty() {
+        return Err(MigrateError::NotInitialised);
+    }
+    if MIGRATIONS
+        .iter()
+        .any(|m| !applied.iter().any(|a| a.version == m.version))
+    {
+        return Err(MigrateError::Behind {
+            found: applied.iter().map(|a| a.version).max().unwrap_or(0),
             expected: latest(),
-        }),
-        std::cmp::Ordering::Greater => Err(MigrateError::Ahead {
-            found,
-            expected: latest(),
-        }),
+        });
+    }
+    compatibility(&applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(version: i32, additive: bool) -> Applied {
+        Applied {
+            version,
+            name: format!("m{version}"),
+            checksum: String::new(),
+            additive,
+        }
+    }
+
+    fn known() -> Vec<Applied> {
+        MIGRATIONS
+            .iter()
+            .map(|m| applied(m.version, m.additive))
+            .collect()
+    }
+
+    #[test]
+    fn the_schema_this_build_knows_is_current() {
+        assert_eq!(compatibility(&known()).unwrap(), SchemaStatus::Current);
+    }
+
+    #[test]
+    fn a_newer_schema_of_additive_migrations_is_accepted() {
+        let mut rows = known();
+        rows.push(applied(latest() + 1, true));
+        rows.push(applied(latest() + 2, true));
+        match compatibility(&rows).unwrap() {
+            SchemaStatus::AheadAdditive { found, unknown } => {
+                assert_eq!(found, latest() + 2);
+                assert_eq!(unknown.len(), 2);
+            }
+            other => panic!("expected AheadAdditive, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_breaking_migration_among_the_newer_ones_is_refused_and_named() {
+        let mut rows = known();
+        rows.push(applied(latest() + 1, true));
+        rows.push(applied(latest() + 2, false));
+        let e = compatibility(&rows).unwrap_err();
+        assert!(
+            matches!(&e, MigrateError::Ahead { breaking, .. } if breaking == &format!("{} (m{})", latest() + 2, latest() + 2)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn versions_are_in_order_and_the_initial_schema_is_not_additive() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+        }
+        assert!(!MIGRATIONS[0].additive);
     }
 }

@@ -320,6 +320,25 @@ fn run_error(r: &tardis_common::messages::FetchRun) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
+/// Every source's written checkpoint: when a batch of it was last committed, and the
+/// `updated_at` of the newest record written through (when it has one), as Unix seconds.
+pub async fn checkpoint_times(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(String, f64, Option<f64>)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT source, extract(epoch FROM updated_at)::float8,
+                    extract(epoch FROM cursor_updated_at)::float8
+               FROM source_checkpoints",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,3 +79,134 @@ async fn workers_started_together_on_a_fresh_cluster_all_provision() -> Result<(
     );
     Ok(())
 }
+
+/// The whole pipeline on the cluster: every worker started at the same moment, the records
+/// stream's leader SIGKILLed mid-run and started again; every record is stored once.
+#[tokio::test]
+async fn the_records_streams_leader_killed_mid_run_loses_and_duplicates_nothing() -> Result<()> {
+    use devtools::demo_source::{DemoConfig, Running as DemoSource};
+    use devtools::mock_llm::{MockConfig, Running as MockLlm};
+    use std::time::Duration;
+    use tardis_common::nats::StreamKind;
+
+    use super::pipeline::{pipeline_env, spawn};
+    use crate::harness::{TestDb, TestNats, wait_for};
+
+    const PER_SOURCE: u64 = 6000;
+    let (mut servers, url) = cluster().await?;
+    let t = TestNats::on(&servers[0].url()).await?;
+    let db = TestDb::new().await?;
+    let demo = DemoSource::start(DemoConfig {
+        backlog: PER_SOURCE,
+        frozen: true,
+        ..DemoConfig::default()
+    })
+    .await?;
+    // Slow enough that the run is mid-way when the leader dies.
+    let llm = MockLlm::start(MockConfig {
+        latency_ms: 40,
+        ..MockConfig::default()
+    })
+    .await?;
+    let mut env = pipeline_env(&t, &db, &demo, &llm)?;
+    env.insert("NATS_URL".into(), url.clone());
+    env.insert("TARDIS_STREAM_REPLICAS".into(), "3".into());
+    env.insert("LLM_CONCURRENCY".into(), "4".into());
+    env.insert("ENRICH_BATCH_LINGER".into(), "20ms".into());
+    env.insert("WRITER_ACK_WAIT".into(), "10s".into());
+    super::writer::migrate(&env).await?;
+    // All at once, as a fresh install starts them.
+    let writer = spawn("writer", &[], &env)?;
+    let enrichers = [spawn("enricher", &[], &env)?, spawn("enricher", &[], &env)?];
+    let fetcher = spawn("fetcher", &["run"], &env)?;
+
+    let rows = || async {
+        anyhow::Ok(
+            db.connect()
+                .await?
+                .query_one("SELECT count(*) FROM records", &[])
+                .await?
+                .get::<_, i64>(0),
+        )
+    };
+    wait_for("the first rows", Duration::from_secs(120), || async {
+        Ok((rows().await? > 500).then_some(()))
+    })
+    .await?;
+    let stream = t
+        .jetstream()
+        .get_stream(t.names().stream(StreamKind::Records))
+        .await?
+        .info()
+        .await?
+        .clone();
+    let leader = stream
+        .cluster
+        .and_then(|c| c.leader)
+        .ok_or_else(|| anyhow::anyhow!("the records stream reports no leader"))?;
+    let victim = servers
+        .iter()
+        .position(|s| leader == format!("tardis-test-{}", s.port()))
+        .ok_or_else(|| anyhow::anyhow!("leader {leader} is none of the three servers"))?;
+    let at_kill = rows().await?;
+    servers[victim].kill().await?;
+    eprintln!("killed the records stream's leader {leader} at {at_kill} rows");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    servers[victim].restart().await?;
+    eprintln!("{leader} restarted at {} rows", rows().await?);
+
+    // The fetcher's run ends either way; a run that failed on the outage is run again, as its
+    // CronJob's backoffLimit does.
+    let (status, output) = tokio::task::spawn_blocking(move || {
+        let mut f = fetcher;
+        f.child.wait().map(|s| (s, f.output()))
+    })
+    .await??;
+    if !status.success() {
+        eprintln!(
+            "the fetcher run failed during the outage ({status}); running it again:\n{output}"
+        );
+        super::pipeline::fetch_once(&env).await?;
+    }
+    let total = i64::try_from(2 * PER_SOURCE)?;
+    let done = wait_for("every record written", Duration::from_secs(300), || async {
+        Ok((rows().await? >= total).then_some(()))
+    })
+    .await;
+    if let Err(e) = done {
+        let [a, b] = enrichers;
+        panic!(
+            "{e}: {} rows\nwriter:\n{}\nenricher:\n{}\nenricher:\n{}",
+            rows().await?,
+            writer.output(),
+            a.output(),
+            b.output()
+        );
+    }
+    let client = db.connect().await?;
+    // Every id of each source, 1..=PER_SOURCE, is there.
+    for source in ["market_data", "user_events"] {
+        let r = client
+            .query_one(
+                "SELECT count(*), min(record_id::bigint), max(record_id::bigint)
+                   FROM records WHERE source = $1",
+                &[&source],
+            )
+            .await?;
+        let got: (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        let per = i64::try_from(PER_SOURCE)?;
+        assert_eq!(got, (per, 1, per), "{source}: rows, lowest id, highest id");
+    }
+    // Each written once: a redelivery is an unchanged replay, not a second version.
+    let versions: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(records_written), 0)::bigint FROM source_checkpoints",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(versions, total, "records_written counts each record once");
+    drop(enrichers);
+    drop(writer);
+    Ok(())
+}

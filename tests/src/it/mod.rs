@@ -8,6 +8,7 @@ mod enricher;
 mod fetch_edges;
 mod fetcher;
 mod fleet;
+mod manifests;
 mod nats;
 mod pipeline;
 mod postgres;

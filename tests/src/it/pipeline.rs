@@ -209,3 +209,163 @@ async fn ten_thousand_records_end_to_end_exactly_once() -> Result<()> {
     assert_eq!(code, Some(0), "{out}");
     Ok(())
 }
+
+/// A span as an OTLP/HTTP receiver got it: `(service, name, trace id, linked trace ids,
+/// attributes)`.
+type ExportedSpan = (
+    String,
+    String,
+    Vec<u8>,
+    Vec<Vec<u8>>,
+    BTreeMap<String, String>,
+);
+
+/// Every span the workers exported to `collector` (OTLP/HTTP protobuf bodies).
+async fn exported_spans(collector: &wiremock::MockServer) -> Result<Vec<ExportedSpan>> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message as _;
+    let mut spans = Vec::new();
+    for request in collector.received_requests().await.unwrap_or_default() {
+        anyhow::ensure!(request.url.path() == "/v1/traces", "{}", request.url);
+        let export = ExportTraceServiceRequest::decode(request.body.as_slice())?;
+        for rs in export.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Any::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push((
+                        service.clone(),
+                        s.name.clone(),
+                        s.trace_id.clone(),
+                        s.links.iter().map(|l| l.trace_id.clone()).collect(),
+                        s.attributes
+                            .iter()
+                            .map(|a| {
+                                let v = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(Any::StringValue(s)) => s.clone(),
+                                    Some(Any::IntValue(i)) => i.to_string(),
+                                    Some(Any::DoubleValue(d)) => d.to_string(),
+                                    other => format!("{other:?}"),
+                                };
+                                (a.key.clone(), v)
+                            })
+                            .collect(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(spans)
+}
+
+#[tokio::test]
+async fn one_record_yields_one_trace_from_fetch_to_the_writers_transaction() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let demo = DemoSource::start(DemoConfig {
+        backlog: 1,
+        frozen: true,
+        ..DemoConfig::default()
+    })
+    .await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let collector = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/v1/traces"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&collector)
+        .await;
+    let mut env = pipeline_env(&t, &db, &demo, &llm)?;
+    env.insert("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector.uri());
+    env.insert("DATA_SOURCES".into(), {
+        let all: Value = serde_json::from_str(&env["DATA_SOURCES"])?;
+        json!([all[1]]).to_string()
+    });
+    migrate(&env).await?;
+    let writer = spawn("writer", &[], &env)?;
+    let enricher = spawn("enricher", &[], &env)?;
+    let fetched = fetch_once(&env).await?;
+    assert!(
+        fetched.contains("user_events: succeeded, 1 records"),
+        "{fetched}"
+    );
+    let rows = || async {
+        anyhow::Ok(
+            db.connect()
+                .await?
+                .query_one("SELECT count(*) FROM records", &[])
+                .await?
+                .get::<_, i64>(0),
+        )
+    };
+    wait_for("the record's row", Duration::from_secs(60), || async {
+        Ok((rows().await? == 1).then_some(()))
+    })
+    .await?;
+    // A graceful stop flushes the spans still buffered.
+    let (code, enricher_out) = enricher.terminate()?;
+    assert_eq!(code, Some(0), "{enricher_out}");
+    let (code, writer_out) = writer.terminate()?;
+    assert_eq!(code, Some(0), "{writer_out}");
+
+    let spans = exported_spans(&collector).await?;
+    let names = |service: &str| -> Vec<String> {
+        spans
+            .iter()
+            .filter(|s| s.0 == service)
+            .map(|s| s.1.clone())
+            .collect()
+    };
+    let services: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.0.as_str()).collect();
+    // The fetcher's run and the enricher's chunk share one trace (traceparent through NATS).
+    let fetch_traces: std::collections::BTreeSet<&Vec<u8>> = spans
+        .iter()
+        .filter(|s| s.0 == "tardis-fetcher")
+        .map(|s| &s.2)
+        .collect();
+    let enrich_traces: Vec<&Vec<u8>> = spans
+        .iter()
+        .filter(|s| s.0 == "tardis-enricher" && fetch_traces.contains(&s.2))
+        .map(|s| &s.2)
+        .collect();
+    assert!(
+        !enrich_traces.is_empty(),
+        "no enricher span in the fetcher's trace; services {services:?}, enricher spans {:?}",
+        names("tardis-enricher")
+    );
+    // The writer's batch span is linked to that trace, and says what it wrote.
+    let batch = spans
+        .iter()
+        .find(|s| {
+            s.0 == "tardis-writer"
+                && s.1 == "write batch"
+                && s.4.get("consumer").map(String::as_str) == Some("writer")
+                && s.3.iter().any(|l| enrich_traces.contains(&l))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no writer batch span linked to the record's trace; writer spans {:?}",
+                spans
+                    .iter()
+                    .filter(|s| s.0 == "tardis-writer")
+                    .collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(
+        batch.4.get("rows_written").map(String::as_str),
+        Some("1"),
+        "{batch:?}"
+    );
+    assert!(batch.4.contains_key("commit_seconds"), "{batch:?}");
+    Ok(())
+}

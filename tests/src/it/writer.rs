@@ -164,7 +164,7 @@ async fn wait_rows(db: &TestDb, n: i64, within: Duration) -> Result<()> {
 }
 
 #[tokio::test]
-async fn migrations_apply_once_and_the_writer_refuses_a_schema_it_does_not_know() -> Result<()> {
+async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only() -> Result<()> {
     let t = TestNats::new().await?;
     let db = TestDb::new().await?;
     let e = env(&t, &db.url);
@@ -206,6 +206,23 @@ async fn migrations_apply_once_and_the_writer_refuses_a_schema_it_does_not_know(
     let tables = count(&db, "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('records','source_checkpoints','dead_letters','fetch_runs')").await?;
     assert_eq!(tables, 4);
 
+    // A newer build's additive migration (a rollback after an upgrade, or an old writer pod
+    // restarting): this writer and its `migrate` still run, and records are written.
+    db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum, additive) VALUES (98, 'future_column', 'x', true)").await?;
+    let again = migrate(&e).await?;
+    assert!(
+        again.lines().any(|l| l == "schema up to date (version 2)"),
+        "{again}"
+    );
+    let w = start(&e)?;
+    publish(
+        &t,
+        &chunk("s", &[("1", "2026-11-01T10:00:00Z", "on a newer schema")]),
+    )
+    .await?;
+    wait_rows(&db, 1, Duration::from_secs(30)).await?;
+    stop(w).await?;
+    // One that is not additive: refused, naming it.
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum) VALUES (99, 'future', 'x')").await?;
     let out = tokio::task::spawn_blocking({
         let e = e.clone();
@@ -222,7 +239,9 @@ async fn migrations_apply_once_and_the_writer_refuses_a_schema_it_does_not_know(
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("newer than this writer knows (2); upgrade the writer")
+            .contains("newer than this writer knows (2), and migration 99 (future) is not additive; upgrade the writer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
@@ -855,4 +874,112 @@ async fn wait_metric(port: u16, metric: &str, label: &str) -> Result<()> {
         },
     )
     .await
+}
+
+/// `db_url` with another user and password.
+fn as_user(db_url: &str, user: &str, password: &str) -> Result<String> {
+    let mut url = url::Url::parse(db_url)?;
+    url.set_username(user)
+        .map_err(|()| anyhow::anyhow!("setting the user"))?;
+    url.set_password(Some(password))
+        .map_err(|()| anyhow::anyhow!("setting the password"))?;
+    Ok(url.to_string())
+}
+
+#[tokio::test]
+async fn the_optional_roles_get_their_privileges_only_and_log_in_with_the_secrets_passwords()
+-> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let mut e = env(&t, &db.url);
+    let writer_pw = format!("w-{}", crate::harness::unique_suffix());
+    let fetcher_pw = format!("f-{}", crate::harness::unique_suffix());
+    e.insert("TARDIS_DB_ROLES".into(), "true".into());
+    e.insert("TARDIS_WRITER_DB_PASSWORD".into(), writer_pw.clone());
+    e.insert("TARDIS_FETCHER_DB_PASSWORD".into(), fetcher_pw.clone());
+    let out = migrate(&e).await?;
+    assert!(
+        out.contains("role tardis_writer may log in (password from TARDIS_WRITER_DB_PASSWORD)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&writer_pw) && !out.contains(&fetcher_pw),
+        "{out}"
+    );
+    // Idempotent: a second run (a rotation) works too.
+    migrate(&e).await?;
+    // Postgres holds a SCRAM verifier, never the password.
+    let admin = db.connect().await?;
+    let stored: Option<String> = admin
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'tardis_writer'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let stored = stored.unwrap_or_default();
+    assert!(stored.starts_with("SCRAM-SHA-256$"), "{stored}");
+    // The reader got no password: it cannot log in.
+    let reader_login: bool = admin
+        .query_one(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tardis_reader'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(!reader_login);
+
+    // The writer, as tardis_writer, writes.
+    let mut as_writer = env(&t, &as_user(&db.url, "tardis_writer", &writer_pw)?);
+    as_writer.insert("WRITER_BATCH_WAIT".into(), "50ms".into());
+    let w = start(&as_writer)?;
+    publish(
+        &t,
+        &chunk("s", &[("1", "2026-11-01T10:00:00Z", "as tardis_writer")]),
+    )
+    .await?;
+    wait_rows(&db, 1, Duration::from_secs(30)).await?;
+    stop(w).await?;
+    // ... and may not delete or change the schema.
+    let writer =
+        crate::harness::postgres::connect(&as_user(&db.url, "tardis_writer", &writer_pw)?).await?;
+    for sql in [
+        "DELETE FROM records",
+        "TRUNCATE records",
+        "DROP TABLE fetch_runs",
+    ] {
+        let e = writer.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e}"
+        );
+    }
+    // The fetcher reads the checkpoint and nothing else.
+    let fetcher =
+        crate::harness::postgres::connect(&as_user(&db.url, "tardis_fetcher", &fetcher_pw)?)
+            .await?;
+    let n: i64 = fetcher
+        .query_one("SELECT count(*) FROM source_checkpoints", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
+    for sql in [
+        "SELECT count(*) FROM records",
+        "UPDATE source_checkpoints SET records_written = 0",
+    ] {
+        let e = fetcher.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e}"
+        );
+    }
+    // A wrong password is refused.
+    assert!(
+        crate::harness::postgres::connect(&as_user(&db.url, "tardis_fetcher", "wrong")?)
+            .await
+            .is_err()
+    );
+    Ok(())
 }
