@@ -49,8 +49,10 @@ RUN set -eu; \
 
 # Runtime: distroless (glibc, libgcc, CA bundle, tzdata), no shell, uid 65532. Every image
 # runs with a read-only root filesystem: nothing is written outside stdout and the network.
-# HEALTHCHECK runs tardis-probe (no shell, no curl here): a GET of /ready on OPS_ADDR's port.
-FROM ${RUNTIME} AS runtime
+# HEALTHCHECK runs tardis-probe (no shell, no curl here): a GET of /ready on OPS_ADDR's port
+# for the workers; the dev tools (demo-source, mock-llm) set their own on their /health, so
+# each image declares exactly one.
+FROM ${RUNTIME} AS runtime-base
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.source="https://github.com/tardis-collection/tardis" \
@@ -61,6 +63,8 @@ LABEL org.opencontainers.image.source="https://github.com/tardis-collection/tard
 USER 65532:65532
 ENV RUST_LOG=info
 COPY --from=build /out/tardis-probe /usr/local/bin/tardis-probe
+
+FROM runtime-base AS runtime
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["/usr/local/bin/tardis-probe"]
 
 FROM runtime AS fetcher
@@ -86,7 +90,7 @@ EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/writer"]
 CMD ["run"]
 
-FROM runtime AS demo-source
+FROM runtime-base AS demo-source
 LABEL org.opencontainers.image.title="tardis-demo-source" \
       org.opencontainers.image.description="Tardis demo source: the legacy source API with generated records (development only)"
 COPY --from=build /out/demo-source /usr/local/bin/demo-source
@@ -94,7 +98,7 @@ EXPOSE 8081
 HEALTHCHECK --interval=5s --timeout=5s --retries=3 CMD ["/usr/local/bin/tardis-probe", "http://127.0.0.1:8081/health"]
 ENTRYPOINT ["/usr/local/bin/demo-source"]
 
-FROM runtime AS mock-llm
+FROM runtime-base AS mock-llm
 LABEL org.opencontainers.image.title="tardis-mock-llm" \
       org.opencontainers.image.description="Tardis mock LLM: an OpenAI-compatible chat-completions server (development only)"
 COPY --from=build /out/mock-llm /usr/local/bin/mock-llm

@@ -97,7 +97,8 @@ pub fn traces_url(endpoint: &Url) -> String {
 pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryError> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     crate::install_crypto_provider();
-    let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(with_quiet_libraries(&settings.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
@@ -151,6 +152,20 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// `filter` plus the directives that keep two libraries from repeating what Tardis logs itself,
+/// unless `filter` names them: `tokio_postgres=warn` (a migration's `NOTICE: ... already exists,
+/// skipping` at INFO) and `async_nats=error` (each connection event a second time; Tardis logs
+/// them as `nats connection` / `nats event`).
+pub fn with_quiet_libraries(filter: &str) -> String {
+    let mut out = filter.to_string();
+    for (target, level) in [("tokio_postgres", "warn"), ("async_nats", "error")] {
+        if !filter.contains(target) {
+            out.push_str(&format!(",{target}={level}"));
+        }
+    }
+    out
+}
+
 /// Writes the W3C trace context of `cx` (`traceparent`, `tracestate`) into NATS headers.
 pub fn inject_context(cx: &opentelemetry::Context, headers: &mut async_nats::HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
@@ -192,6 +207,19 @@ pub fn link_from(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) 
 mod tests {
     use super::*;
     use opentelemetry::trace::{TraceContextExt, Tracer};
+
+    #[test]
+    fn the_libraries_that_repeat_tardis_logs_are_quiet_unless_named() {
+        assert_eq!(
+            with_quiet_libraries("info"),
+            "info,tokio_postgres=warn,async_nats=error"
+        );
+        assert_eq!(
+            with_quiet_libraries("debug,async_nats=debug"),
+            "debug,async_nats=debug,tokio_postgres=warn"
+        );
+        assert!(EnvFilter::try_new(with_quiet_libraries("warn,writer=debug")).is_ok());
+    }
 
     #[test]
     fn trace_context_round_trips_through_nats_headers() {

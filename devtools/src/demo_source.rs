@@ -383,10 +383,14 @@ async fn stats(State(demo): State<Arc<Demo>>) -> Json<Value> {
     let now = Utc::now();
     Json(json!({
         "requests": demo.requests.load(Ordering::SeqCst),
-        "records_served": demo.served.load(Ordering::Relaxed),
+        // Every record of every response: a fetcher's inclusive `since` gets the boundary
+        // records again, so this is more than the records that exist.
+        "records_sent_in_responses": demo.served.load(Ordering::Relaxed),
         "available": demo.available(now),
         "frozen": demo.frozen_at().is_some(),
         "sources": Kind::ALL.iter().map(|&k| {
+            // Pages come in id order: every id up to this one has been served, so it is also
+            // the number of distinct records served (what Postgres must hold once written).
             (k.source_name().to_string(), json!({"highest_id_served": demo.highest_served(k)}))
         }).collect::<serde_json::Map<_, _>>(),
         "faults": demo.faults(),

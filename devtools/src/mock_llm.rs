@@ -14,7 +14,10 @@
 //!   their first `poison_calls` calls, when that is set);
 //! * `api_key`: when set, `Authorization: Bearer <key>` is required (401 otherwise).
 //!
-//! `GET /admin/stats` reports requests, 429s, 500s and how many times each record id was sent.
+//! `GET /admin/stats` reports requests, 429s, 500s; `records_received` (every record of every
+//! request), `distinct_records` (by content, so records of two sources that share an id count
+//! apart) and `records_sent_again` (the difference: redeliveries and retries); and
+//! `calls_per_id`, calls by record id across all sources.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -65,6 +68,9 @@ struct Counters {
     served: u64,
     tokens: u64,
     calls_per_id: HashMap<String, u64>,
+    /// Calls per record, keyed by a hash of the record's JSON: distinct records of different
+    /// sources that share an id are counted apart.
+    calls_per_record: HashMap<u64, u64>,
     window: VecDeque<(tokio::time::Instant, u64)>,
     /// The most requests accepted within one window.
     peak_window_requests: u64,
@@ -113,6 +119,9 @@ impl Mock {
             "tokens": c.tokens,
             "peak_window_requests": c.peak_window_requests,
             "calls_per_id": c.calls_per_id,
+            "records_received": c.calls_per_record.values().sum::<u64>(),
+            "distinct_records": c.calls_per_record.len(),
+            "records_sent_again": c.calls_per_record.values().map(|n| n - 1).sum::<u64>(),
             "last_request": c.last_request,
         })
     }
@@ -366,6 +375,12 @@ async fn completions(
                     })
                     .unwrap_or_default();
                 *c.calls_per_id.entry(id).or_default() += 1;
+                let content = r.get("record").map(Value::to_string).unwrap_or_default();
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&content, &mut h);
+                *c.calls_per_record
+                    .entry(std::hash::Hasher::finish(&h))
+                    .or_default() += 1;
             }
             None
         };

@@ -86,6 +86,11 @@ pub struct EnrichSettings {
     pub max_replicas: u32,
     /// `ENRICH_BATCH_LINGER`: how long a partial batch waits for more records, default 100 ms.
     pub linger: Duration,
+    /// `ENRICH_ACK_WAIT`: how long a chunk may go without an ack or an in-progress heartbeat
+    /// before JetStream hands it to another replica, default 15 s. A live replica sends a
+    /// heartbeat every third of it, however slow the LLM, so this bounds only how long a
+    /// crashed replica's chunks wait.
+    pub ack_wait: Duration,
     /// `ENRICH_SHUTDOWN_GRACE`: how long in-flight chunks may finish after SIGTERM before they
     /// are handed back, default 15 s.
     pub shutdown_grace: Duration,
@@ -198,6 +203,7 @@ impl EnrichSettings {
             max_in_flight: r.positive_u32("ENRICH_MAX_IN_FLIGHT", 16),
             max_replicas: r.positive_u32("ENRICH_MAX_REPLICAS", 10),
             linger: r.duration("ENRICH_BATCH_LINGER", Duration::from_millis(100)),
+            ack_wait: r.duration("ENRICH_ACK_WAIT", Duration::from_secs(15)),
             shutdown_grace: r.duration("ENRICH_SHUTDOWN_GRACE", Duration::from_secs(15)),
         }
     }

@@ -40,11 +40,13 @@ pub use config::Config;
 
 pub const COMPONENT: &str = "enricher";
 
-/// The consumer this worker owns. The ack wait covers one LLM request; heartbeats extend it
-/// while a chunk is in flight, so it bounds how long a crashed replica's chunks wait.
+/// The consumer this worker owns. Heartbeats (`+WPI` every third of the ack wait) keep a
+/// chunk that is being worked on, however slow the LLM; so the ack wait only bounds how long
+/// a crashed replica's chunks wait before another replica gets them.
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
+    let ack_wait = config.enrich.ack_wait;
     ConsumerSpec {
-        ack_wait: config.llm.timeout * 2,
+        ack_wait,
         // Never given up on by JetStream: a message past MaxDeliver would stay in the
         // work-queue stream undelivered and out of every pending count. Hand-backs on
         // shutdown must not use up anything; ENRICH_MAX_DELIVER, when set, is enforced by the
@@ -55,9 +57,7 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
         max_ack_pending: i64::from(config.enrich.max_in_flight)
             * i64::from(config.enrich.max_replicas),
         // Redeliveries (a replica died, a publish failed) back off: 1, 2, 4, 8 ack waits.
-        backoff: (0..4u32)
-            .map(|k| config.llm.timeout * 2 * 2u32.pow(k))
-            .collect(),
+        backoff: (0..4u32).map(|k| ack_wait * 2u32.pow(k)).collect(),
         ..ConsumerSpec::new(ConsumerKind::Enricher)
     }
 }

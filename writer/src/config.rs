@@ -35,8 +35,10 @@ pub struct Config {
     pub batch_wait: Duration,
     /// `WRITER_MAX_DELIVER`: deliveries before a message that cannot be written is dead-lettered, default 5.
     pub max_deliver: i64,
-    /// `WRITER_ACK_WAIT`: how long a pulled message may stay unacknowledged before
-    /// JetStream redelivers it (bounds recovery after a crash), default 60 s.
+    /// `WRITER_ACK_WAIT`: how long a pulled message may go without an ack or an in-progress
+    /// heartbeat before JetStream redelivers it, default 15 s. The writer sends a heartbeat
+    /// every third of it while a batch is being written, so this bounds only how long a
+    /// crashed writer's messages wait.
     pub ack_wait: Duration,
     /// The StatefulSet ordinal, from `HOSTNAME` (`writer-2` → 2); 0 elsewhere.
     pub ordinal: u32,
@@ -78,7 +80,7 @@ impl Config {
         let batch_messages = r.positive_u32("WRITER_BATCH_MESSAGES", 100) as usize;
         let batch_wait = r.duration("WRITER_BATCH_WAIT", Duration::from_millis(200));
         let max_deliver = i64::from(r.positive_u32("WRITER_MAX_DELIVER", 5));
-        let ack_wait = r.duration("WRITER_ACK_WAIT", Duration::from_secs(60));
+        let ack_wait = r.duration("WRITER_ACK_WAIT", Duration::from_secs(15));
         let ordinal = r
             .string("HOSTNAME")
             .and_then(|h| h.rsplit('-').next().and_then(|n| n.parse().ok()))

@@ -116,6 +116,8 @@ pub struct Loop {
     pub batch_messages: usize,
     pub batch_wait: Duration,
     pub max_deliver: i64,
+    /// The consumer's ack wait: a batch being written gets `+WPI` every third of it.
+    pub ack_wait: Duration,
     pub pg_ready: ReadyFlag,
     pub crash_after_commit: bool,
     /// Faults injected by tests ([`Faults::none`] in production).
@@ -204,7 +206,21 @@ impl Loop {
         for (msg, _) in &good {
             tardis_common::telemetry::link_from(&span, msg.headers.as_ref());
         }
+        for (msg, _) in &good {
+            if let Some(info) = msg.info().ok().filter(|i| i.delivered > 1) {
+                info!(
+                    consumer = self.kind.label(),
+                    stream_seq = info.stream_sequence,
+                    delivery = info.delivered,
+                    "redelivered message"
+                );
+            }
+        }
+        // A batch held up (a slow commit, a lock) keeps its messages: `+WPI` every third of
+        // the ack wait until it is done.
+        let heartbeat = self.heartbeat(&good);
         let written = self.write(&good).instrument(span.clone()).await;
+        heartbeat.cancel();
         match written {
             Ok(()) => self.ack_all(&good).await,
             Err(WriteError::Busy(e)) => {
@@ -236,6 +252,32 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Sends `+WPI` for `batch` every third of the ack wait until the token is cancelled.
+    fn heartbeat(&self, batch: &[(jetstream::Message, Decoded)]) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let replies: Vec<async_nats::Subject> =
+            batch.iter().filter_map(|(m, _)| m.reply.clone()).collect();
+        let client = self.js.client();
+        let every = (self.ack_wait / 3).max(Duration::from_millis(500));
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    for reply in &replies {
+                        if let Err(e) = client.publish(reply.clone(), "+WPI".into()).await {
+                            debug!(error = %e, "in-progress heartbeat failed");
+                        }
+                    }
+                }
+            }
+        });
+        stop
     }
 
     async fn handle_single(&self, one: (jetstream::Message, Decoded)) {

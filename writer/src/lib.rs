@@ -2,6 +2,16 @@
 //! (`writer-runs`) and persists them in Postgres — records and the per-source checkpoint in
 //! one transaction, idempotently — acking only after the commit.
 //!
+//! Delivery contract:
+//! * Acked when: after `COMMIT` of the batch's transaction (records, dead records and the
+//!   checkpoint advance together); a failed transaction naks the batch.
+//! * Idempotent: upserts keyed by `(source, record_id)` that only a newer version changes; a
+//!   replay of a committed batch writes nothing.
+//! * Unit of atomicity: one batch of up to `WRITER_BATCH_MESSAGES` messages.
+//! * While a batch is written its messages get `+WPI` every third of `WRITER_ACK_WAIT`, so a
+//!   slow commit is never redelivered; a crashed writer's messages go to another after the ack
+//!   wait (15 s), and a redelivered message is logged with its delivery number.
+//!
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
 //! * [`store`]: the SQL (UNNEST upserts, newest version wins, monotonic checkpoint);
 //! * [`consume`]: the batch loops, failure handling, dead letters.
@@ -230,6 +240,7 @@ async fn run_inner(
             batch_messages: config.batch_messages,
             batch_wait: config.batch_wait,
             max_deliver: config.max_deliver,
+            ack_wait: config.ack_wait,
             pg_ready: pg_ready.clone(),
             crash_after_commit: config.crash_after_commit,
             faults: faults.clone(),

@@ -40,6 +40,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0002_dead_letter_raw.sql"),
         additive: true,
     },
+    Migration {
+        version: 3,
+        name: "cost_numeric",
+        sql: include_str!("../migrations/0003_cost_numeric.sql"),
+        additive: true,
+    },
 ];
 
 /// The schema version this build expects.

@@ -41,6 +41,7 @@ fn enricher_env(t: &TestNats, endpoint: &str) -> BTreeMap<String, String> {
         ("LLM_MAX_ATTEMPTS", "1"),
         ("LLM_RETRY_DELAY", "50ms"),
         ("LLM_TIMEOUT", "2s"),
+        ("ENRICH_ACK_WAIT", "4s"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -188,6 +189,7 @@ async fn restart_while_in_flight(
     publish(&t).await?;
     let mut env = enricher_env(&t, &llm.endpoint());
     env.insert("LLM_TIMEOUT".into(), "10s".into());
+    env.insert("ENRICH_ACK_WAIT".into(), "20s".into());
     env.insert("ENRICH_SHUTDOWN_GRACE".into(), "100ms".into());
     for (k, v) in extra {
         env.insert(k.to_string(), v.to_string());
@@ -306,6 +308,7 @@ async fn every_step_fails_once_and_the_enricher_restarts_fifteen_times() -> Resu
     env.insert("LLM_BATCH_SIZE".into(), "2".into());
     // Short ack waits: lost acks come back within seconds.
     env.insert("LLM_TIMEOUT".into(), "1s".into());
+    env.insert("ENRICH_ACK_WAIT".into(), "2s".into());
     let faults = || {
         Arc::new(
             Faults::none()

@@ -98,6 +98,7 @@ fn env(t: &TestNats, endpoint: &str, extra: &[(&str, &str)]) -> BTreeMap<String,
         ("LLM_BATCH_SIZE", "20"),
         ("LLM_RETRY_DELAY", "50ms"),
         ("LLM_TIMEOUT", "5s"),
+        ("ENRICH_ACK_WAIT", "10s"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -293,7 +294,7 @@ async fn rate_limits_server_errors_and_timeouts_are_retried() -> Result<()> {
     let running = start(&env(
         &t,
         &format!("{}/v1/chat/completions", server.uri()),
-        &[("LLM_TIMEOUT", "1s")],
+        &[("LLM_TIMEOUT", "1s"), ("ENRICH_ACK_WAIT", "2s")],
     ))?;
     let started = tokio::time::Instant::now();
     let chunks = wait_enriched(&t, 10, Duration::from_secs(60)).await?;
@@ -491,7 +492,11 @@ async fn a_replica_killed_mid_batch_has_its_chunks_redelivered() -> Result<()> {
     })
     .await?;
     publish_records(&t, "s", 40, 10, None).await?;
-    let e = env(&t, &llm.endpoint(), &[("LLM_TIMEOUT", "3s")]);
+    let e = env(
+        &t,
+        &llm.endpoint(),
+        &[("LLM_TIMEOUT", "3s"), ("ENRICH_ACK_WAIT", "6s")],
+    );
     let victim = spawn_binary(&e, free_port()?)?;
     wait_for(
         "the first replica to send a batch",

@@ -36,6 +36,7 @@ async fn replicas_joining_and_killed_mid_run_stay_within_the_providers_limit() -
         ("LLM_BATCH_SIZE", "5".to_string()),
         ("LLM_CONCURRENCY", "4".to_string()),
         ("LLM_TIMEOUT", "5s".to_string()),
+        ("ENRICH_ACK_WAIT", "10s".to_string()),
         ("ENRICH_MAX_IN_FLIGHT", "4".to_string()),
         ("ENRICH_BATCH_LINGER", "20ms".to_string()),
     ];

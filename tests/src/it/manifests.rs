@@ -2,7 +2,8 @@
 //! binaries accept: each container's environment (ConfigMaps, Secrets as placeholders, `env:`)
 //! goes through its binary's own config parser, which must accept it, and every key must be
 //! read by the binary it is given to (a typo such as `LLM_RMP` would otherwise be ignored
-//! without a word). Keys a ConfigMap gives to every worker need only be read by one of them.
+//! without a word). Keys a ConfigMap gives to every worker need only be read by one of them;
+//! a compose service's keys must all be read by that service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -280,7 +281,9 @@ fn compose_containers() -> Result<Vec<Container>> {
                     .collect()
             })
             .unwrap_or_default();
-        let keys: BTreeSet<String> = env.keys().cloned().collect();
+        // Each service gets only what it reads (so an .env change recreates only the services
+        // it concerns, and no service holds another's secret): every key is its own.
+        let own: BTreeSet<String> = env.keys().cloned().collect();
         containers.push(Container {
             place: format!("docker-compose.yml service {}", str_of(name)),
             binary: binary.to_string(),
@@ -291,8 +294,8 @@ fn compose_containers() -> Result<Vec<Container>> {
                 .map(str_of)
                 .collect(),
             env,
-            own: BTreeSet::new(),
-            shared: BTreeMap::from([("compose environment".to_string(), keys)]),
+            own,
+            shared: BTreeMap::new(),
         });
     }
     Ok(containers)

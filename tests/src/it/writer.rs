@@ -194,12 +194,15 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
         first.lines().any(|l| l == "applied migration 1 (init)")
             && first
                 .lines()
-                .any(|l| l == "applied migration 2 (dead_letter_raw)"),
+                .any(|l| l == "applied migration 2 (dead_letter_raw)")
+            && first
+                .lines()
+                .any(|l| l == "applied migration 3 (cost_numeric)"),
         "{first}"
     );
     let second = migrate(&e).await?;
     assert!(
-        second.lines().any(|l| l == "schema up to date (version 2)"),
+        second.lines().any(|l| l == "schema up to date (version 3)"),
         "{second}"
     );
     assert!(!second.contains("applied migration"), "{second}");
@@ -211,7 +214,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum, additive) VALUES (98, 'future_column', 'x', true)").await?;
     let again = migrate(&e).await?;
     assert!(
-        again.lines().any(|l| l == "schema up to date (version 2)"),
+        again.lines().any(|l| l == "schema up to date (version 3)"),
         "{again}"
     );
     let w = start(&e)?;
@@ -222,6 +225,14 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     .await?;
     wait_rows(&db, 1, Duration::from_secs(30)).await?;
     stop(w).await?;
+    // Money is numeric: the record's cost is stored as the decimal it is, with no float noise.
+    let cost: String = db
+        .connect()
+        .await?
+        .query_one("SELECT cost_usd::text FROM records", &[])
+        .await?
+        .get(0);
+    assert_eq!(cost, "0.000006000000");
     // One that is not additive: refused, naming it.
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum) VALUES (99, 'future', 'x')").await?;
     let out = tokio::task::spawn_blocking({
@@ -239,7 +250,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("newer than this writer knows (2), and migration 99 (future) is not additive; upgrade the writer"),
+            .contains("newer than this writer knows (3), and migration 99 (future) is not additive; upgrade the writer"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
