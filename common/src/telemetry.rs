@@ -152,18 +152,18 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// `filter` plus the directives that keep two libraries from repeating what Tardis logs itself,
-/// unless `filter` names them: `tokio_postgres=warn` (a migration's `NOTICE: ... already exists,
-/// skipping` at INFO) and `async_nats=error` (each connection event a second time; Tardis logs
-/// them as `nats connection` / `nats event`).
+/// `filter` plus `async_nats=error`, which keeps the NATS client from logging each connection
+/// event a second time (Tardis logs them itself as `nats connection` / `nats event`) — only
+/// when `filter` does not name `async_nats` and has a default level (`info`, `warn`, ...) the
+/// directive can only lower; `off`, or a filter of targets only, is left as it is.
 pub fn with_quiet_libraries(filter: &str) -> String {
-    let mut out = filter.to_string();
-    for (target, level) in [("tokio_postgres", "warn"), ("async_nats", "error")] {
-        if !filter.contains(target) {
-            out.push_str(&format!(",{target}={level}"));
-        }
+    let has_default_level = filter.split(',').map(str::trim).any(|d| {
+        ["trace", "debug", "info", "warn", "error"].contains(&d.to_ascii_lowercase().as_str())
+    });
+    if filter.contains("async_nats") || !has_default_level {
+        return filter.to_string();
     }
-    out
+    format!("{filter},async_nats=error")
 }
 
 /// Writes the W3C trace context of `cx` (`traceparent`, `tracestate`) into NATS headers.
@@ -210,14 +210,15 @@ mod tests {
 
     #[test]
     fn the_libraries_that_repeat_tardis_logs_are_quiet_unless_named() {
+        assert_eq!(with_quiet_libraries("info"), "info,async_nats=error");
         assert_eq!(
-            with_quiet_libraries("info"),
-            "info,tokio_postgres=warn,async_nats=error"
+            with_quiet_libraries("warn,writer=debug"),
+            "warn,writer=debug,async_nats=error"
         );
-        assert_eq!(
-            with_quiet_libraries("debug,async_nats=debug"),
-            "debug,async_nats=debug,tokio_postgres=warn"
-        );
+        // Named, off, or no default level: untouched (never louder than asked).
+        for filter in ["debug,async_nats=debug", "off", "writer=debug"] {
+            assert_eq!(with_quiet_libraries(filter), filter);
+        }
         assert!(EnvFilter::try_new(with_quiet_libraries("warn,writer=debug")).is_ok());
     }
 

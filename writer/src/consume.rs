@@ -216,14 +216,17 @@ impl Loop {
                 );
             }
         }
-        // A batch held up (a slow commit, a lock) keeps its messages: `+WPI` every third of
-        // the ack wait until it is done.
-        let heartbeat = self.heartbeat(&good);
+        // A batch held up (a slow commit, a lock, the one-by-one retry below) keeps its
+        // messages: `+WPI` every third of the ack wait until each is acked or handed back.
+        let heartbeat = Heartbeat::start(self.js.client(), &good, self.ack_wait);
         let written = self.write(&good).instrument(span.clone()).await;
-        heartbeat.cancel();
         match written {
-            Ok(()) => self.ack_all(&good).await,
+            Ok(()) => {
+                drop(heartbeat);
+                self.ack_all(&good).await;
+            }
             Err(WriteError::Busy(e)) => {
+                drop(heartbeat);
                 warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "the transaction timed out or conflicted; the batch goes back to the stream");
                 self.metrics
                     .failures
@@ -232,6 +235,7 @@ impl Loop {
                 self.nak_all(&good).await;
             }
             Err(WriteError::Connection(e)) => {
+                drop(heartbeat);
                 warn!(error = %e, consumer = self.kind.label(), messages = good.len(), "postgres unavailable; the batch goes back to the stream");
                 self.metrics
                     .failures
@@ -243,41 +247,18 @@ impl Loop {
             Err(WriteError::Data(e)) if good.len() > 1 => {
                 warn!(error = %e, consumer = self.kind.label(), "the batch was rejected; writing its messages one by one");
                 for one in good {
+                    let reply = one.0.reply.clone();
+                    heartbeat.done(reply.as_ref());
                     self.handle_single(one).await;
                 }
             }
             Err(WriteError::Data(e)) => {
+                drop(heartbeat);
                 if let Some(one) = good.pop() {
                     self.rejected_alone(one, e).await;
                 }
             }
         }
-    }
-
-    /// Sends `+WPI` for `batch` every third of the ack wait until the token is cancelled.
-    fn heartbeat(&self, batch: &[(jetstream::Message, Decoded)]) -> CancellationToken {
-        let stop = CancellationToken::new();
-        let replies: Vec<async_nats::Subject> =
-            batch.iter().filter_map(|(m, _)| m.reply.clone()).collect();
-        let client = self.js.client();
-        let every = (self.ack_wait / 3).max(Duration::from_millis(500));
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        () = stop.cancelled() => return,
-                    }
-                    for reply in &replies {
-                        if let Err(e) = client.publish(reply.clone(), "+WPI".into()).await {
-                            debug!(error = %e, "in-progress heartbeat failed");
-                        }
-                    }
-                }
-            }
-        });
-        stop
     }
 
     async fn handle_single(&self, one: (jetstream::Message, Decoded)) {
@@ -659,6 +640,65 @@ impl Loop {
         if let Err(e) = msg.ack_with(AckKind::Term).await {
             warn!(error = %e, "terminating the message failed");
         }
+    }
+}
+
+/// `+WPI` for a batch's messages every third of the ack wait, until each is [`done`] or the
+/// heartbeat is dropped (which stops it at once, on every path, a panic included).
+///
+/// [`done`]: Heartbeat::done
+struct Heartbeat {
+    replies: std::sync::Arc<std::sync::Mutex<Vec<async_nats::Subject>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(
+        client: async_nats::Client,
+        batch: &[(jetstream::Message, Decoded)],
+        ack_wait: Duration,
+    ) -> Self {
+        let replies = std::sync::Arc::new(std::sync::Mutex::new(
+            batch
+                .iter()
+                .filter_map(|(m, _)| m.reply.clone())
+                .collect::<Vec<_>>(),
+        ));
+        let every = (ack_wait / 3).max(Duration::from_millis(500));
+        let task = tokio::spawn({
+            let replies = replies.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let now: Vec<async_nats::Subject> = replies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    for reply in now {
+                        if let Err(e) = client.publish(reply, "+WPI".into()).await {
+                            debug!(error = %e, "in-progress heartbeat failed");
+                        }
+                    }
+                }
+            }
+        });
+        Self { replies, task }
+    }
+
+    /// No more heartbeats for this message (it is about to be acked or handed back).
+    fn done(&self, reply: Option<&async_nats::Subject>) {
+        if let Some(reply) = reply {
+            self.replies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|r| r != reply);
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -116,6 +116,12 @@ pub async fn migrate_with_roles(
     client: &mut deadpool_postgres::Object,
     roles: Option<&[(&'static str, tardis_common::secret::Secret<String>)]>,
 ) -> Result<(Vec<(i32, String)>, Vec<String>), MigrateError> {
+    // "NOTICE: ... already exists, skipping" of an idempotent statement is not news; warnings
+    // still reach the log.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .map_err(db)?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await
