@@ -117,6 +117,15 @@ pub struct SourceRecord {
     pub updated_at: Option<DateTime<Utc>>,
     /// The record exactly as the source sent it.
     pub payload: Box<RawValue>,
+    /// A hash of the record's content as its source defines it: the payload without its
+    /// `updated_at` field and the source's `ignore_fields`, keys in any order. Absent from
+    /// fetchers older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_key: Option<String>,
+    /// The stored enrichment of this same content, when the fetcher found one; the enricher
+    /// reuses it instead of asking the LLM again when its prompt version and model are its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior: Option<Box<Prior>>,
 }
 
 impl PartialEq for SourceRecord {
@@ -124,7 +133,22 @@ impl PartialEq for SourceRecord {
         self.id == other.id
             && self.updated_at == other.updated_at
             && self.payload.get() == other.payload.get()
+            && self.content_key == other.content_key
+            && self.prior == other.prior
     }
+}
+
+/// A stored enrichment of a record's content (from the writer's `records` row whose
+/// `content_key` is the record's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prior {
+    pub enrichment: serde_json::Value,
+    pub model: String,
+    pub prompt_version: String,
+    /// When the enrichment was made (by the LLM, not reused).
+    pub enriched_at: DateTime<Utc>,
+    /// What it cost when it was made, in USD: what reusing it saves.
+    pub cost_usd: f64,
 }
 
 /// A chunk of records from one fetch run (`tardis.records.<source>`).
@@ -200,7 +224,21 @@ pub struct EnrichedRecord {
     pub model: String,
     pub prompt_version: String,
     pub usage: Usage,
+    /// When the enrichment was made; for a reused one, when it was first made.
     pub enriched_at: DateTime<Utc>,
+    /// The record's [`SourceRecord::content_key`], stored for the next lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_key: Option<String>,
+    /// The enrichment is a stored one of the same content, reused without an LLM call
+    /// (`usage` is then zero and `saved_usd` what it cost when it was made).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
+    #[serde(default, skip_serializing_if = "is_no_money")]
+    pub saved_usd: f64,
+}
+
+fn is_no_money(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl PartialEq for EnrichedRecord {
@@ -213,6 +251,9 @@ impl PartialEq for EnrichedRecord {
             && self.prompt_version == other.prompt_version
             && self.usage == other.usage
             && self.enriched_at == other.enriched_at
+            && self.content_key == other.content_key
+            && self.reused == other.reused
+            && self.saved_usd == other.saved_usd
     }
 }
 
@@ -361,6 +402,8 @@ impl DeadLetter {
                 id: format!("message-{stream_sequence}"),
                 updated_at: None,
                 payload,
+                content_key: None,
+                prior: None,
             },
             reason: format!("the message could not be read: {reason}"),
             attempts: 1,
@@ -462,6 +505,8 @@ mod tests {
             updated_at: Some(ts("2026-11-01T10:00:00Z")),
             payload: RawValue::from_string(format!(r#"{{"id":"{id}","price":1.5,"tags":["a"]}}"#))
                 .unwrap(),
+            content_key: None,
+            prior: None,
         }
     }
 
@@ -512,6 +557,9 @@ mod tests {
                     cost_usd: 0.000_008,
                 },
                 enriched_at: ts("2026-11-01T10:06:00Z"),
+                content_key: None,
+                reused: false,
+                saved_usd: 0.0,
             }],
             dead: vec![DeadRecord {
                 record: record("2"),

@@ -1,5 +1,5 @@
 //! mock-llm: an OpenAI-compatible `POST /v1/chat/completions` that follows Tardis's wire
-//! protocol (see `enricher::protocol`): the user message is `{"records": [{"id", "record"}, ...]}`, the
+//! protocol (see `enricher::protocol`): the user message is `{"<id>": <record>, ...}`, the
 //! answer's content is `{"results": [{"id", "sentiment", "category", "summary"}, ...]}`.
 //!
 //! Enrichment is deterministic, from the record's text: sentiment from keywords, category from
@@ -67,6 +67,14 @@ struct Counters {
     failed: u64,
     served: u64,
     tokens: u64,
+    /// Of served requests: prompt and completion tokens; characters of the prompt (every
+    /// message's content), of the records' own JSON in it, and of each record's own result.
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    prompt_chars: u64,
+    record_chars: u64,
+    result_chars: u64,
+    records_served: u64,
     calls_per_id: HashMap<String, u64>,
     /// Calls per record, keyed by a hash of the record's JSON: distinct records of different
     /// sources that share an id are counted apart.
@@ -117,6 +125,12 @@ impl Mock {
             "failed": c.failed,
             "served": c.served,
             "tokens": c.tokens,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "prompt_chars": c.prompt_chars,
+            "record_chars": c.record_chars,
+            "result_chars": c.result_chars,
+            "records_served": c.records_served,
             "peak_window_requests": c.peak_window_requests,
             "calls_per_id": c.calls_per_id,
             "records_received": c.calls_per_record.values().sum::<u64>(),
@@ -222,25 +236,45 @@ pub fn good_answer(request: &Value) -> Value {
         .and_then(|m| m.get("content").and_then(Value::as_str))
         .and_then(|c| serde_json::from_str(c).ok())
         .unwrap_or(Value::Null);
-    let results: Vec<Value> = input
-        .get("records")
-        .and_then(Value::as_array)
-        .map(|rs| {
-            rs.iter()
-                .map(|r| {
-                    let mut e = enrich(r.get("record").unwrap_or(&Value::Null));
-                    e["id"] = r.get("id").cloned().unwrap_or(Value::Null);
-                    e
-                })
-                .collect()
+    let results: Vec<Value> = input_records(&input)
+        .into_iter()
+        .map(|(id, record)| {
+            let mut e = enrich(&record);
+            e["id"] = id;
+            e
         })
-        .unwrap_or_default();
+        .collect();
     let content = json!({"results": results}).to_string();
     json!({
         "id": "chatcmpl-good", "object": "chat.completion", "created": 0, "model": request.get("model").cloned().unwrap_or(json!("mock")),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
     })
+}
+
+/// The `(id, record)` pairs of a user message: `{"<id>": <record>, ...}` (the protocol), or
+/// the older `{"records": [{"id", "record"}, ...]}`.
+pub fn input_records(input: &Value) -> Vec<(Value, Value)> {
+    if let Some(list) = input.get("records").and_then(Value::as_array) {
+        return list
+            .iter()
+            .map(|r| {
+                (
+                    r.get("id").cloned().unwrap_or(Value::Null),
+                    r.get("record").cloned().unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+    }
+    input
+        .as_object()
+        .map(|records| {
+            records
+                .iter()
+                .map(|(id, record)| (Value::String(id.clone()), record.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn tokens(text: &str) -> u64 {
@@ -315,11 +349,7 @@ async fn completions(
             "invalid_request_error",
         );
     };
-    let records = input
-        .get("records")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let records = input_records(&input);
     let prompt_tokens = tokens(&prompt_text);
 
     // Count, rate-limit, and pick this request's faults.
@@ -365,17 +395,13 @@ async fn completions(
         } else {
             c.window.push_back((now, prompt_tokens));
             c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
-            for r in &records {
-                let id = r
-                    .get("id")
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string())
-                    })
-                    .unwrap_or_default();
+            for (id, record) in &records {
+                let id = id
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| id.to_string());
                 *c.calls_per_id.entry(id).or_default() += 1;
-                let content = r.get("record").map(Value::to_string).unwrap_or_default();
+                let content = record.to_string();
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 std::hash::Hash::hash(&content, &mut h);
                 *c.calls_per_record
@@ -436,9 +462,8 @@ async fn completions(
     }
     let mut results: Vec<Value> = records
         .iter()
-        .map(|r| {
-            let id = r.get("id").cloned().unwrap_or(Value::Null);
-            let record = r.get("record").cloned().unwrap_or(Value::Null);
+        .map(|(id, record)| {
+            let (id, record) = (id.clone(), record.clone());
             let calls = {
                 let key = id
                     .as_str()
@@ -474,6 +499,8 @@ async fn completions(
         e["id"] = json!(format!("invented-{n}"));
         results.push(e);
     }
+    let result_chars: usize = results.iter().map(|r| r.to_string().len()).sum();
+    let record_chars: usize = records.iter().map(|(_, r)| r.to_string().len()).sum();
     let mut content = json!({"results": results}).to_string();
     let mut finish = "stop";
     if roll(n, 4, config.invalid_json_rate) {
@@ -495,6 +522,12 @@ async fn completions(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.served += 1;
         c.tokens += prompt_tokens + completion_tokens;
+        c.prompt_tokens += prompt_tokens;
+        c.completion_tokens += completion_tokens;
+        c.prompt_chars += prompt_text.len() as u64;
+        c.record_chars += record_chars as u64;
+        c.result_chars += result_chars as u64;
+        c.records_served += records.len() as u64;
         c.completions
             .push_back((tokio::time::Instant::now(), completion_tokens));
     }

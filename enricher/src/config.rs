@@ -28,8 +28,13 @@ pub struct LlmSettings {
     pub api_key: Option<Secret<String>>,
     /// `LLM_MODEL`, default `deepseek-v3.2`.
     pub model: String,
-    /// `LLM_BATCH_SIZE`: records per request, default 20.
+    /// `LLM_BATCH_SIZE`: the most records per request; default: as many as the answer budget
+    /// holds (`LLM_MAX_OUTPUT_TOKENS / LLM_MAX_TOKENS_PER_RECORD`, 40), so the instructions
+    /// sent with every request are shared by as many records as a request can answer.
     pub batch_size: u32,
+    /// `LLM_MAX_OUTPUT_TOKENS`: the largest `max_tokens` of a request (the provider's output
+    /// limit), default 8192.
+    pub max_output_tokens: u32,
     /// `LLM_MAX_INPUT_TOKENS`: estimated prompt tokens per request, default 8000.
     pub max_input_tokens: u32,
     /// `LLM_MAX_TOKENS_PER_RECORD`: answer budget per record (`max_tokens` scales with the batch), default 200.
@@ -146,6 +151,8 @@ impl LlmSettings {
                 ResponseFormat::JsonObject
             }
         };
+        let max_tokens_per_record = r.positive_u32("LLM_MAX_TOKENS_PER_RECORD", 200);
+        let max_output_tokens = r.positive_u32("LLM_MAX_OUTPUT_TOKENS", 8192);
         Self {
             endpoint: endpoint.unwrap_or_else(|| {
                 Url::parse("http://127.0.0.1/chat/completions").expect("placeholder URL parses")
@@ -156,9 +163,13 @@ impl LlmSettings {
             model: r
                 .string("LLM_MODEL")
                 .unwrap_or_else(|| Self::DEFAULT_MODEL.to_string()),
-            batch_size: r.positive_u32("LLM_BATCH_SIZE", 20),
+            batch_size: r.positive_u32(
+                "LLM_BATCH_SIZE",
+                (max_output_tokens / max_tokens_per_record).max(1),
+            ),
+            max_output_tokens,
             max_input_tokens: r.positive_u32("LLM_MAX_INPUT_TOKENS", 8000),
-            max_tokens_per_record: r.positive_u32("LLM_MAX_TOKENS_PER_RECORD", 200),
+            max_tokens_per_record,
             timeout: r.duration("LLM_TIMEOUT", Duration::from_secs(60)),
             temperature: float(r, "LLM_TEMPERATURE", 0.2, 0.0, 2.0),
             response_format,

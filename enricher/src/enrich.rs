@@ -82,6 +82,13 @@ pub enum Outcome {
         attempts: u32,
         last_error: Option<String>,
     },
+    /// A stored enrichment of the same content (same prompt version and model), not sent to
+    /// the LLM: made at `enriched_at`, for `saved_usd`.
+    Reused {
+        enrichment: Value,
+        enriched_at: chrono::DateTime<chrono::Utc>,
+        saved_usd: f64,
+    },
 }
 
 /// The health of the endpoint, shared by every batch of the process.
@@ -174,6 +181,8 @@ pub struct BatchProcessor {
     pub health: Arc<LlmHealth>,
     /// Fires when in-flight work must be abandoned (shutdown grace over).
     pub stop: CancellationToken,
+    /// The fleet's spend today, to which every answered request adds its cost.
+    pub spend: Option<Arc<crate::spend::DailySpend>>,
 }
 
 /// The result of a batch: outcomes, and items abandoned (halt or stop) that get none.
@@ -207,7 +216,8 @@ impl BatchProcessor {
             .settings
             .max_tokens_per_record
             .saturating_mul(items.len() as u32)
-            .saturating_add(50);
+            .saturating_add(50)
+            .min(self.settings.max_output_tokens);
         let body = protocol::request_body(
             &self.settings.model,
             &self.system_prompt,
@@ -338,6 +348,13 @@ impl BatchProcessor {
                 }
                 Call::Answer(a) => a,
             };
+            if let Some(spend) = &self.spend {
+                // Every answer is paid for, whatever becomes of it.
+                let usd = (answer.prompt_tokens as f64 * self.settings.price_input
+                    + answer.completion_tokens as f64 * self.settings.price_output)
+                    / 1e6;
+                spend.record(usd, chrono::Utc::now()).await;
+            }
             if answer.finish_reason.as_deref() == Some("length") {
                 self.metrics
                     .llm_retries
@@ -563,13 +580,8 @@ mod tests {
     fn ids_of(body: &Value) -> Vec<String> {
         let user = body["messages"][1]["content"].as_str().unwrap_or("{}");
         let v: Value = serde_json::from_str(user).unwrap_or_default();
-        v["records"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|r| r["id"].as_str().map(str::to_string))
-                    .collect()
-            })
+        v.as_object()
+            .map(|records| records.keys().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -648,6 +660,7 @@ mod tests {
             metrics: EnrichMetrics::register(&registry).unwrap(),
             health: Arc::new(LlmHealth::new(readiness.flag("llm"))),
             stop: CancellationToken::new(),
+            spend: None,
         }
     }
 
@@ -684,6 +697,78 @@ mod tests {
             .iter()
             .position(|x| *x == id)
             .unwrap()
+    }
+
+    /// Records like the demo source's (about 134 characters of JSON each).
+    fn demo_items(n: usize) -> Vec<Item> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{}", 1000 + i);
+                let json = format!(
+                    r#"{{"id":{id},"symbol":"AAPL","price":187.{i:02},"volume":{},"updated_at":"2026-11-30T10:00:{:02}.000Z","note":"steady trading, light volume"}}"#,
+                    1_000_000 + i,
+                    i % 60
+                );
+                Item {
+                    key: ItemKey { chunk: 1, index: i },
+                    source: "s".into(),
+                    id,
+                    payload: RawValue::from_string(json).unwrap(),
+                    tokens: 40,
+                    attempts: 0,
+                    last_error: None,
+                    errors: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// Characters of the whole prompt (system and user content as sent) per character of
+    /// the records' own JSON, for a batch of `n` demo-like records at the default settings.
+    fn prompt_overhead(n: usize) -> f64 {
+        let mut p = processor(Script::new(vec![]), &[]);
+        p.system_prompt = crate::protocol::system_prompt(None, &p.schema);
+        let items = demo_items(n);
+        let own: usize = items.iter().map(|i| i.payload.get().len()).sum();
+        assert!((125..=145).contains(&(own / n)), "{} chars", own / n);
+        let (body, _) = p.body(&items);
+        let sent: usize = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().len())
+            .sum();
+        sent as f64 / own as f64
+    }
+
+    #[test]
+    fn the_whole_prompt_is_at_most_1_2_times_the_records_at_the_default_batch() {
+        let p = processor(Script::new(vec![]), &[]);
+        let default = p.settings.batch_size as usize;
+        assert_eq!(
+            default, 40,
+            "LLM_MAX_OUTPUT_TOKENS / LLM_MAX_TOKENS_PER_RECORD"
+        );
+        let ratio = prompt_overhead(default);
+        for n in [1, 5, 20, default, 50] {
+            println!("{n:>3} records: {:.3}x", prompt_overhead(n));
+        }
+        assert!(ratio <= 1.2, "{ratio:.3}x at {default} records");
+        // Smaller batches share the instructions among fewer records.
+        assert!(prompt_overhead(1) > prompt_overhead(5));
+        assert!(prompt_overhead(5) > prompt_overhead(20));
+        assert!(prompt_overhead(20) > ratio);
+    }
+
+    #[test]
+    fn max_tokens_grows_with_the_batch_up_to_the_output_limit() {
+        let p = processor(Script::new(vec![]), &[("LLM_MAX_OUTPUT_TOKENS", "1000")]);
+        assert_eq!(p.settings.batch_size, 5, "1000 / 200");
+        let (body, cost) = p.body(&demo_items(2));
+        assert_eq!(body["max_tokens"], 450);
+        assert_eq!(cost.max_tokens, 450);
+        let (body, _) = p.body(&demo_items(8));
+        assert_eq!(body["max_tokens"], 1000);
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,6 +24,7 @@ pub mod outcome;
 pub mod pipeline;
 pub mod protocol;
 pub mod schema;
+pub mod spend;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -175,7 +176,7 @@ pub async fn run_with(
     let llm = &config.llm;
     let budget = Arc::new(fleet::Budget::new(
         Arc::new(fleet::KvStore::new(
-            bucket,
+            bucket.clone(),
             fleet::budget_key(
                 &llm.model,
                 &llm::endpoint_without_credentials(&llm.endpoint),
@@ -190,6 +191,13 @@ pub async fn run_with(
         },
         fleet::Clock::System,
         Some(metrics.clone()),
+    ));
+    let spend = Arc::new(spend::DailySpend::new(
+        Box::new(spend::KvSpend {
+            store: bucket.clone(),
+        }),
+        llm.daily_budget_usd,
+        Some(metrics.spend_today.clone()),
     ));
     let llm_client = llm::LlmClient::new(
         llm.endpoint.clone(),
@@ -219,6 +227,7 @@ pub async fn run_with(
         metrics: metrics.clone(),
         health,
         stop: CancellationToken::new(),
+        spend: Some(spend.clone()),
     });
     let pipeline = pipeline::Pipeline {
         js,
@@ -242,6 +251,7 @@ pub async fn run_with(
         shutdown_grace: config.enrich.shutdown_grace,
         max_deliver: config.enrich.max_deliver,
         paused_until: std::sync::Mutex::new(None),
+        spend,
     };
     pipeline.run(shutdown).await?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {

@@ -14,6 +14,8 @@ pub struct EnrichMetrics {
     pub llm_duration: HistogramVec,
     pub tokens: IntCounterVec,
     pub cost: CounterVec,
+    pub saved_usd: CounterVec,
+    pub saved_calls: CounterVec,
     pub batch_size: HistogramVec,
     pub unreadable: IntCounterVec,
     pub budget_fleet: GaugeVec,
@@ -22,6 +24,8 @@ pub struct EnrichMetrics {
     pub budget_wait: Histogram,
     pub budget_booked: Gauge,
     pub halted: IntGauge,
+    pub spend_today: Gauge,
+    pub paused: IntGauge,
 }
 
 impl EnrichMetrics {
@@ -33,7 +37,7 @@ impl EnrichMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "tardis_enrich_records_total",
-                        "Records enriched or dead-lettered",
+                        "Records enriched (by the LLM), reused (a stored enrichment of the same content) or dead-lettered",
                     ),
                     &["source", "model", "outcome"],
                 )?,
@@ -95,6 +99,26 @@ impl EnrichMetrics {
                     Opts::new(
                         "tardis_llm_cost_usd_total",
                         "Cost of LLM usage in US dollars",
+                    ),
+                    &["source", "model"],
+                )?,
+            )?,
+            saved_usd: reg(
+                registry,
+                CounterVec::new(
+                    Opts::new(
+                        "tardis_enrich_saved_usd_total",
+                        "US dollars not spent: what the reused enrichments (records whose content was enriched before with the same prompt version and model) cost when they were made",
+                    ),
+                    &["source", "model"],
+                )?,
+            )?,
+            saved_calls: reg(
+                registry,
+                CounterVec::new(
+                    Opts::new(
+                        "tardis_enrich_saved_calls_total",
+                        "LLM requests not made thanks to reused enrichments (reused records / LLM_BATCH_SIZE)",
                     ),
                     &["source", "model"],
                 )?,
@@ -171,6 +195,20 @@ impl EnrichMetrics {
                     "1 while this enricher is halted because the LLM endpoint refuses it (401/403/404, or answers that are not completions): it takes no work until restarted with a fixed configuration",
                 ))?,
             )?,
+            spend_today: reg(
+                registry,
+                Gauge::with_opts(Opts::new(
+                    "tardis_llm_spend_today_usd",
+                    "The fleet's LLM spend since 00:00 UTC in US dollars, as this replica last saw it",
+                ))?,
+            )?,
+            paused: reg(
+                registry,
+                IntGauge::with_opts(Opts::new(
+                    "tardis_enrich_paused",
+                    "1 while this enricher takes no work because the fleet's spend today reached LLM_DAILY_BUDGET_USD (it resumes at 00:00 UTC, or when restarted with a larger budget)",
+                ))?,
+            )?,
         })
     }
 
@@ -198,5 +236,6 @@ impl EnrichMetrics {
             self.llm_requests.with_label_values(&[model, status]);
         }
         self.halted.set(0);
+        self.paused.set(0);
     }
 }

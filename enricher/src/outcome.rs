@@ -39,6 +39,26 @@ pub fn decide(
                 prompt_version: prompt_version.to_string(),
                 usage,
                 enriched_at: now,
+                content_key: record.content_key.clone(),
+                reused: false,
+                saved_usd: 0.0,
+            }),
+            Some(Outcome::Reused {
+                enrichment,
+                enriched_at,
+                saved_usd,
+            }) => Decision::Enriched(EnrichedRecord {
+                id: record.id.clone(),
+                updated_at: record.updated_at,
+                payload: record.payload.clone(),
+                enrichment,
+                model: model.to_string(),
+                prompt_version: prompt_version.to_string(),
+                usage: Default::default(),
+                enriched_at,
+                content_key: record.content_key.clone(),
+                reused: true,
+                saved_usd,
             }),
             Some(Outcome::Dead {
                 reason,
@@ -127,6 +147,8 @@ fn fit_each(
                     id: r.id.clone(),
                     updated_at: r.updated_at,
                     payload: r.payload.clone(),
+                    content_key: None,
+                    prior: None,
                 },
                 1,
                 r.enriched_at,
@@ -217,6 +239,8 @@ mod tests {
                 updated_at: None,
                 payload: RawValue::from_string(format!("{{\"t\":\"{}\"}}", "x".repeat(size)))
                     .unwrap(),
+                content_key: None,
+                prior: None,
             })
             .collect();
         RecordChunk {

@@ -89,7 +89,13 @@ pub struct Pipeline {
     pub max_deliver: Option<u32>,
     /// Set after work was handed back through an outage: no pulling before then.
     pub paused_until: Mutex<Option<tokio::time::Instant>>,
+    /// The fleet's spend today against `LLM_DAILY_BUDGET_USD`: no pulling once it is reached.
+    pub spend: Arc<crate::spend::DailySpend>,
 }
+
+/// How often a replica paused by the daily budget looks again (a larger budget after a
+/// restart of another replica, or the day's end).
+const BUDGET_RECHECK: Duration = Duration::from_secs(30);
 
 fn lock(chunks: &Chunks) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
     chunks
@@ -160,6 +166,7 @@ impl Pipeline {
         let health = self.processor.health.clone();
         let halted = health.halted();
         let mut next_key = 0u64;
+        let mut budget_paused = false;
         loop {
             if shutdown.is_cancelled() || halted.is_cancelled() {
                 return;
@@ -173,6 +180,14 @@ impl Pipeline {
             {
                 tokio::select! {
                     () = tokio::time::sleep_until(until) => continue,
+                    () = shutdown.cancelled() => return,
+                    () = halted.cancelled() => return,
+                }
+            }
+            // The fleet spent today's budget: pull nothing until tomorrow (UTC); ready, paused.
+            if let Some(wait) = self.budget_pause(&mut budget_paused).await {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
                     () = shutdown.cancelled() => return,
                     () = halted.cancelled() => return,
                 }
@@ -304,10 +319,42 @@ impl Pipeline {
             self.finalize(tracked).await;
             return;
         }
+        // A stored enrichment of the same content, made with this prompt version and model and
+        // valid for this schema, is the record's outcome: no LLM call.
+        let model = &self.processor.settings.model;
+        let outcomes: Vec<Option<Outcome>> = chunk
+            .records
+            .iter()
+            .map(|r| {
+                let prior = r.prior.as_deref()?;
+                if prior.prompt_version != self.prompt_version || &prior.model != model {
+                    return None;
+                }
+                let enrichment = self.processor.schema.validate(&prior.enrichment).ok()?;
+                Some(Outcome::Reused {
+                    enrichment,
+                    enriched_at: prior.enriched_at,
+                    saved_usd: prior.cost_usd,
+                })
+            })
+            .collect();
+        let remaining = outcomes.iter().filter(|o| o.is_none()).count();
+        if remaining == 0 {
+            let tracked = Tracked {
+                msg,
+                chunk,
+                outcomes,
+                remaining: 0,
+                _permit: permit,
+            };
+            self.finalize(tracked).await;
+            return;
+        }
         let queued: Vec<Item> = chunk
             .records
             .iter()
             .enumerate()
+            .filter(|(index, _)| outcomes[*index].is_none())
             .map(|(index, r)| Item {
                 key: ItemKey { chunk: key, index },
                 source: chunk.source.clone(),
@@ -319,14 +366,13 @@ impl Pipeline {
                 errors: Vec::new(),
             })
             .collect();
-        let n = queued.len();
         lock(chunks).insert(
             key,
             Tracked {
                 msg,
                 chunk,
-                outcomes: vec![None; n],
-                remaining: n,
+                outcomes,
+                remaining,
                 _permit: permit,
             },
         );
@@ -552,10 +598,26 @@ impl Pipeline {
     fn count_outcome(&self, parts: &[EnrichedChunk], model: &str) {
         for part in parts {
             let source = part.source.as_str();
+            let reused = part.records.iter().filter(|r| r.reused).count();
             self.metrics
                 .records
                 .with_label_values(&[source, model, "enriched"])
-                .inc_by(part.records.len() as u64);
+                .inc_by((part.records.len() - reused) as u64);
+            if reused > 0 {
+                self.metrics
+                    .records
+                    .with_label_values(&[source, model, "reused"])
+                    .inc_by(reused as u64);
+                let saved: f64 = part.records.iter().map(|r| r.saved_usd).sum();
+                self.metrics
+                    .saved_usd
+                    .with_label_values(&[source, model])
+                    .inc_by(saved);
+                self.metrics
+                    .saved_calls
+                    .with_label_values(&[source, model])
+                    .inc_by(reused as f64 / self.batch_size.max(1) as f64);
+            }
             self.metrics
                 .records
                 .with_label_values(&[source, model, "dead_lettered"])
@@ -579,6 +641,39 @@ impl Pipeline {
                 .cost
                 .with_label_values(&[source, model])
                 .inc_by(cost);
+        }
+    }
+
+    /// How long to wait before pulling again when the daily budget is spent (`None`: pull).
+    /// Says so once when it starts and once when it ends.
+    async fn budget_pause(&self, paused: &mut bool) -> Option<Duration> {
+        self.spend.budget()?;
+        let now = Utc::now();
+        match self.spend.gate(now).await {
+            crate::spend::Gate::Open => {
+                if std::mem::take(paused) {
+                    self.metrics.paused.set(0);
+                    info!("the daily LLM budget allows more work again; pulling resumes");
+                }
+                None
+            }
+            crate::spend::Gate::Paused {
+                spent,
+                budget,
+                until,
+            } => {
+                if !std::mem::replace(paused, true) {
+                    self.metrics.paused.set(1);
+                    warn!(
+                        spent_usd = format!("{spent:.4}"),
+                        budget_usd = budget,
+                        resumes_at = %until.to_rfc3339(),
+                        "the fleet's LLM spend today reached LLM_DAILY_BUDGET_USD: no more work is taken until 00:00 UTC (or a restart with a larger budget); nothing is dead-lettered"
+                    );
+                }
+                let to_midnight = (until - now).to_std().unwrap_or_default();
+                Some(to_midnight.clamp(Duration::from_millis(100), BUDGET_RECHECK))
+            }
         }
     }
 

@@ -153,6 +153,8 @@ mod tests {
             updated_at: Some(DateTime::parse_from_rfc3339(&text).unwrap().to_utc()),
             payload: RawValue::from_string(format!(r#"{{"id":{id},"updated_at":"{text}"}}"#))
                 .unwrap(),
+            content_key: None,
+            prior: None,
         }
     }
 
@@ -240,6 +242,8 @@ mod tests {
             id: "x".into(),
             updated_at: None,
             payload: RawValue::from_string("{}".into()).unwrap(),
+            content_key: None,
+            prior: None,
         };
         assert_eq!(
             a.observe(&[rec(1, 5), untimed, rec(2, 6)]),

@@ -1,4 +1,5 @@
-//! The written checkpoint in Postgres (owned by the writer; the fetcher only reads it).
+//! What the fetcher reads of the writer's tables in Postgres: the written checkpoint, and the
+//! stored enrichments of records whose content it fetches again ([`Checkpoints::priors`]).
 //!
 //! Used as the starting cursor when the fetch state is lost, and for the in-flight gauge
 //! (records published minus records written). The gauge is best effort. The starting cursor
@@ -6,8 +7,10 @@
 //! rather than start from `initial_lookback`, which could skip what lies between the
 //! checkpoint and the lookback. Without Postgres configured, the lookback is the start.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::Pool;
-use tardis_common::messages::Cursor;
+use tardis_common::messages::{Cursor, Prior};
 use tracing::debug;
 
 use crate::metrics::FetchMetrics;
@@ -47,6 +50,52 @@ impl Checkpoints {
         serde_json::from_value(cursor)
             .map(Some)
             .map_err(|e| format!("the stored cursor is not one this fetcher reads: {e}"))
+    }
+
+    /// The stored enrichments of `records` (ids with their content keys) whose stored content
+    /// key is the same: one query by the primary key for the whole chunk, so what is unchanged
+    /// is not sent to the LLM again. An error means "unknown": the records go at full price.
+    pub async fn priors(
+        &self,
+        source: &str,
+        records: &[(&str, &str)],
+    ) -> Result<HashMap<String, Prior>, String> {
+        if records.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<&str> = records.iter().map(|(id, _)| *id).collect();
+        let keys: Vec<&str> = records.iter().map(|(_, key)| *key).collect();
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        let rows = client
+            .query(
+                "SELECT r.record_id, r.enrichment, r.model, r.prompt_version, r.enriched_at,
+                        (r.cost_usd + r.saved_usd)::float8
+                   FROM unnest($2::text[], $3::text[]) AS k(id, content_key)
+                   JOIN records r ON r.source = $1 AND r.record_id = k.id
+                                 AND r.content_key = k.content_key",
+                &[&source, &ids, &keys],
+            )
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get::<_, String>(0),
+                    Prior {
+                        enrichment: row.get(1),
+                        model: row.get(2),
+                        prompt_version: row.get(3),
+                        enriched_at: row.get(4),
+                        cost_usd: row.get(5),
+                    },
+                )
+            })
+            .collect())
     }
 
     /// Sets `tardis_fetch_records_in_flight` from the count published and the count written.

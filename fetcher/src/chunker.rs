@@ -54,6 +54,8 @@ mod tests {
             id: id.to_string(),
             updated_at: None,
             payload: RawValue::from_string(format!("\"{}\"", "x".repeat(payload_len))).unwrap(),
+            content_key: None,
+            prior: None,
         }
     }
 

@@ -88,6 +88,9 @@ pub(crate) struct Progress {
     /// The cursor as this run holds it (incremental runs).
     held: Option<HeldCursor>,
     warnings: Vec<String>,
+    /// Stored enrichments could not be looked up once in this run: the rest of the run does
+    /// not try again (the records go to the LLM at full price).
+    pub(crate) priors_failed: bool,
 }
 
 fn new_run_id(now: DateTime<Utc>) -> String {
@@ -268,6 +271,7 @@ impl Collector {
             published_total: saved.as_ref().map_or(0, |s| s.published_total),
             held,
             warnings: Vec::new(),
+            priors_failed: false,
         };
         let mut advance = Advance::new(
             source.order,

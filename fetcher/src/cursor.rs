@@ -130,6 +130,8 @@ mod tests {
             id: id.into(),
             updated_at: Some(at(t)),
             payload: RawValue::from_string("{}".into()).unwrap(),
+            content_key: None,
+            prior: None,
         }
     }
 
@@ -212,6 +214,8 @@ mod tests {
             id: id.into(),
             updated_at: crate::extract::parse_time(&text),
             payload: RawValue::from_string(payload.to_string()).unwrap(),
+            content_key: None,
+            prior: None,
         }
     }
 

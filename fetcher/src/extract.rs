@@ -80,6 +80,8 @@ pub fn records(
                 id,
                 updated_at,
                 payload,
+                content_key: None,
+                prior: None,
             })
         })
         .collect()

@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod chunker;
 pub mod collect;
 pub mod config;
+pub mod content;
 pub mod cursor;
 pub mod daemon;
 pub mod extract;

@@ -18,6 +18,7 @@ pub struct FetchMetrics {
     pub in_flight: IntGaugeVec,
     pub oversized: IntCounterVec,
     pub out_of_order: IntCounterVec,
+    pub prior_lookups: IntCounterVec,
 }
 
 impl FetchMetrics {
@@ -96,6 +97,11 @@ impl FetchMetrics {
                 "tardis_fetch_out_of_order_records_total",
                 "Records that came after a record with a later (updated_at, id) in the same run (the cursor then moves only after a complete run)",
                 &["source"],
+            )?,
+            prior_lookups: counter(
+                "tardis_fetch_prior_lookups_total",
+                "Records looked up for a stored enrichment of the same content, by result (found, none, failed: Postgres could not be read and the records go to the LLM at full price)",
+                &["source", "result"],
             )?,
         })
     }

@@ -11,9 +11,13 @@ use tardis_common::nats::publish_durably;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+/// The longest a chunk waits for its stored enrichments to be looked up.
+const PRIOR_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 use crate::advance::Advance;
 use crate::chunker;
 use crate::collect::{Collector, Mode, PUBLISH_PATIENCE, Progress};
+use crate::content::content_key;
 use crate::http::FetchError;
 
 impl Collector {
@@ -40,7 +44,8 @@ impl Collector {
                 .await?;
         }
         let mut queue: std::collections::VecDeque<Vec<SourceRecord>> = groups.into();
-        while let Some(group) = queue.pop_front() {
+        while let Some(mut group) = queue.pop_front() {
+            self.attach_priors(source, &mut group, progress).await;
             let cursor_after = match (mode, &final_cursor) {
                 (Mode::Backfill { .. }, _) => None,
                 (Mode::Incremental, Some(end)) if queue.is_empty() => end.clone(),
@@ -103,6 +108,62 @@ impl Collector {
         Ok(())
     }
 
+    /// Sets each record's content key and, when Postgres is configured and readable, the
+    /// stored enrichment of the same content (one query per chunk). A lookup that fails is
+    /// logged, counted, and not tried again in this run: the records go at full price.
+    async fn attach_priors(
+        &self,
+        source: &SourceConfig,
+        group: &mut [SourceRecord],
+        progress: &mut Progress,
+    ) {
+        for record in group.iter_mut() {
+            if record.content_key.is_none() {
+                record.content_key = content_key(&record.payload, &source.content_ignore);
+            }
+        }
+        let Some(checkpoints) = &self.checkpoints else {
+            return;
+        };
+        if progress.priors_failed || group.iter().all(|r| r.prior.is_some()) {
+            return;
+        }
+        let wanted: Vec<(&str, &str)> = group
+            .iter()
+            .filter_map(|r| Some((r.id.as_str(), r.content_key.as_deref()?)))
+            .collect();
+        let looked_up = tokio::time::timeout(
+            PRIOR_LOOKUP_TIMEOUT,
+            checkpoints.priors(&source.name, &wanted),
+        )
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+        let count = |result: &str, n: usize| {
+            self.metrics
+                .prior_lookups
+                .with_label_values(&[&source.name, result])
+                .inc_by(n as u64)
+        };
+        match looked_up {
+            Ok(mut found) => {
+                let n = wanted.len();
+                let hits = found.len();
+                for record in group.iter_mut() {
+                    if let Some(prior) = found.remove(&record.id) {
+                        record.prior = Some(Box::new(prior));
+                    }
+                }
+                count("found", hits);
+                count("none", n - hits);
+            }
+            Err(error) => {
+                progress.priors_failed = true;
+                count("failed", wanted.len());
+                warn!(source = %source.name, %error, "stored enrichments could not be looked up; this run's records go to the LLM at full price");
+            }
+        }
+    }
+
     async fn dead_letter_oversized(
         &self,
         source: &SourceConfig,
@@ -118,6 +179,8 @@ impl Collector {
             id: record.id,
             updated_at: record.updated_at,
             payload,
+            content_key: None,
+            prior: None,
         };
         let letter = DeadLetter {
             schema_version: SCHEMA_VERSION,

@@ -215,6 +215,10 @@ pub struct SourceConfig {
     pub order: Order,
     /// The largest page body read, in bytes (`max_page_bytes`, default 64 MiB).
     pub max_page_bytes: usize,
+    /// JSON pointers left out of a record's content (`crate::content`): its `updated_at`
+    /// field and the source's `ignore_fields`. A record whose content is unchanged reuses its
+    /// stored enrichment.
+    pub content_ignore: Vec<String>,
 }
 
 /// A duration in JSON: seconds as a number, or a string such as `"24h"`.
@@ -282,6 +286,8 @@ struct RawSource {
     order: Option<Order>,
     #[serde(default)]
     max_page_bytes: Option<i64>,
+    #[serde(default)]
+    ignore_fields: Option<Vec<String>>,
 }
 
 /// Tells "absent" (outer `None`) from "explicitly null" (`Some(None)`).
@@ -637,6 +643,27 @@ fn validate_source(
     let pointer = |v: Option<String>, default: &str| {
         as_pointer(v.as_deref().map(str::trim).unwrap_or(default))
     };
+    let updated_at_pointer = match raw.updated_at_field {
+        None => Some(as_pointer("updated_at")),
+        Some(None) => None,
+        Some(Some(f)) => Some(as_pointer(f.trim())),
+    };
+    let mut content_ignore: Vec<String> = updated_at_pointer.iter().cloned().collect();
+    for field in raw.ignore_fields.unwrap_or_default() {
+        let field = field.trim();
+        if field.is_empty() || field == "/" {
+            r.problem(
+                key("ignore_fields"),
+                format!("{label}: ignore_fields holds an empty field name"),
+                "list field names or JSON pointers, for example \"ignore_fields\": [\"view_count\", \"/stats/last_seen\"]",
+            );
+            continue;
+        }
+        let pointer = as_pointer(field);
+        if !content_ignore.contains(&pointer) {
+            content_ignore.push(pointer);
+        }
+    }
     let source = SourceConfig {
         name,
         url: url?,
@@ -649,11 +676,7 @@ fn validate_source(
         pagination: raw.pagination.unwrap_or_default(),
         records_pointer: pointer(raw.records_pointer, "/data"),
         id_pointer: pointer(raw.id_field, "id"),
-        updated_at_pointer: match raw.updated_at_field {
-            None => Some(as_pointer("updated_at")),
-            Some(None) => None,
-            Some(Some(f)) => Some(as_pointer(f.trim())),
-        },
+        updated_at_pointer,
         since_param: raw.since_param.unwrap_or_else(|| Some("since".into())),
         after_id_param: raw
             .after_id_param
@@ -668,6 +691,7 @@ fn validate_source(
         retry_max_wait: defaults.retry_max_wait,
         order: raw.order.unwrap_or_default(),
         max_page_bytes,
+        content_ignore,
     };
     (r.problem_count() == before).then_some(source)
 }

@@ -593,6 +593,8 @@ impl Loop {
                         id: r.id.clone(),
                         updated_at: r.updated_at,
                         payload: r.payload.clone(),
+                        content_key: None,
+                        prior: None,
                     },
                     reason: reason.to_string(),
                     attempts: msg.info().map(|i| i.delivered as u32).unwrap_or(1),

@@ -46,6 +46,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0003_cost_numeric.sql"),
         additive: true,
     },
+    Migration {
+        version: 4,
+        name: "reuse",
+        sql: include_str!("../migrations/0004_reuse.sql"),
+        additive: true,
+    },
 ];
 
 /// The schema version this build expects.

@@ -3,7 +3,7 @@
 //! | role | may | for |
 //! |---|---|---|
 //! | `tardis_writer` | read the schema version; SELECT, INSERT, UPDATE on the four tables | the writer (no DDL, no DELETE, no TRUNCATE) |
-//! | `tardis_fetcher` | SELECT on `source_checkpoints` | the fetcher's checkpoint fallback and in-flight gauge |
+//! | `tardis_fetcher` | SELECT on `source_checkpoints`; on `records`, the columns of a stored enrichment (not the payload) | the fetcher's checkpoint fallback and in-flight gauge; reusing enrichments of unchanged content |
 //! | `tardis_reader` | SELECT on the four tables | dashboards, analysts, `psql` |
 //!
 //! The roles are created `NOLOGIN` and granted their privileges in SQL that holds no
@@ -38,7 +38,10 @@ pub const ROLES: &[Role] = &[
     Role {
         name: "tardis_fetcher",
         password_env: "TARDIS_FETCHER_DB_PASSWORD",
-        grants: &["GRANT SELECT ON source_checkpoints TO tardis_fetcher"],
+        grants: &[
+            "GRANT SELECT ON source_checkpoints TO tardis_fetcher",
+            "GRANT SELECT (source, record_id, content_key, enrichment, model, prompt_version, enriched_at, cost_usd, saved_usd) ON records TO tardis_fetcher",
+        ],
     },
     Role {
         name: "tardis_reader",

@@ -6,6 +6,8 @@
 //! row only when its content or its `updated_at` differs, so a replay, or the same record
 //! fetched again unchanged, leaves the row untouched (its `xmin` does not change), and for a
 //! source without `updated_at` the version fetched last wins — never one chosen by a hash.
+//! The same version enriched again replaces the row when the new enrichment is newer and
+//! differs (a new prompt version or model, a re-enrichment), never with a reused one.
 
 use std::collections::HashMap;
 
@@ -30,14 +32,23 @@ pub struct RecordRow {
     pub cost_usd: f64,
     pub fetched_at: DateTime<Utc>,
     pub enriched_at: DateTime<Utc>,
+    pub content_key: Option<String>,
+    pub reused: bool,
+    pub saved_usd: f64,
 }
 
 impl RecordRow {
     /// The order of versions: the source's `updated_at`, then when it was fetched (so for a
     /// source without `updated_at`, or one that changed a record without moving it, the
-    /// version fetched last wins), then the hash (only to break exact ties deterministically).
-    fn version(&self) -> (Option<DateTime<Utc>>, DateTime<Utc>, &str) {
-        (self.updated_at, self.fetched_at, &self.content_hash)
+    /// version fetched last wins), then the hash (only to break exact ties deterministically),
+    /// then the enrichment made last.
+    fn version(&self) -> (Option<DateTime<Utc>>, DateTime<Utc>, &str, DateTime<Utc>) {
+        (
+            self.updated_at,
+            self.fetched_at,
+            &self.content_hash,
+            self.enriched_at,
+        )
     }
 }
 
@@ -65,6 +76,9 @@ pub fn rows(chunks: &[EnrichedChunk]) -> Vec<RecordRow> {
                 cost_usd: r.usage.cost_usd,
                 fetched_at: c.fetched_at,
                 enriched_at: r.enriched_at,
+                content_key: r.content_key.clone(),
+                reused: r.reused,
+                saved_usd: r.saved_usd,
             };
             let key = (row.source.clone(), row.record_id.clone());
             match by_key.get(&key) {
@@ -138,27 +152,40 @@ pub async fn write_records(
         let cost: Vec<f64> = rows.iter().map(|r| r.cost_usd).collect();
         let fetched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.fetched_at).collect();
         let enriched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.enriched_at).collect();
+        let keys: Vec<Option<String>> = rows.iter().map(|r| r.content_key.clone()).collect();
+        let reused: Vec<bool> = rows.iter().map(|r| r.reused).collect();
+        let saved: Vec<f64> = rows.iter().map(|r| r.saved_usd).collect();
         let written = tx
             .query(
                 "WITH written AS (INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
-                    source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at)
-                 SELECT s, i, p::jsonb, e, m, pv, h, u, pt, ct, c, f, en, now()
+                    source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at,
+                    content_key, reused, saved_usd)
+                 SELECT s, i, p::jsonb, e, m, pv, h, u, pt, ct, c, f, en, now(), k, ru, sv
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::text[],
-                             $8::timestamptz[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[])
-                      AS t(s, i, p, e, m, pv, h, u, pt, ct, c, f, en)
+                             $8::timestamptz[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
+                             $14::text[], $15::bool[], $16::float8[])
+                      AS t(s, i, p, e, m, pv, h, u, pt, ct, c, f, en, k, ru, sv)
                  ON CONFLICT (source, record_id) DO UPDATE SET
                     payload = EXCLUDED.payload, enrichment = EXCLUDED.enrichment, model = EXCLUDED.model,
                     prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
                     source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
                     completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
-                    fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now()
-                 WHERE (coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
-                     > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
-                   AND (EXCLUDED.content_hash <> r.content_hash
-                     OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at)
+                    fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now(),
+                    content_key = EXCLUDED.content_key, reused = EXCLUDED.reused, saved_usd = EXCLUDED.saved_usd
+                 WHERE ((coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
+                         > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
+                       AND (EXCLUDED.content_hash <> r.content_hash
+                         OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at))
+                    OR (EXCLUDED.content_hash = r.content_hash
+                       AND EXCLUDED.source_updated_at IS NOT DISTINCT FROM r.source_updated_at
+                       AND NOT EXCLUDED.reused
+                       AND EXCLUDED.enriched_at > r.enriched_at
+                       AND (EXCLUDED.enrichment IS DISTINCT FROM r.enrichment
+                         OR EXCLUDED.prompt_version IS DISTINCT FROM r.prompt_version
+                         OR EXCLUDED.model IS DISTINCT FROM r.model))
                  RETURNING source)
                  SELECT source, count(*) FROM written GROUP BY source",
-                &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched],
+                &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched, &keys, &reused, &saved],
             )
             .await?;
         for row in written {
@@ -384,6 +411,9 @@ mod tests {
                     prompt_version: "p".into(),
                     usage: Usage::default(),
                     enriched_at: fetched_at,
+                    content_key: None,
+                    reused: false,
+                    saved_usd: 0.0,
                 })
                 .collect(),
             dead: vec![],

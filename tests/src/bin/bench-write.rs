@@ -33,6 +33,9 @@ fn record(i: u64, now: chrono::DateTime<chrono::Utc>) -> EnrichedRecord {
         prompt_version: "v1-bench".into(),
         usage: Usage { prompt_tokens: 40, completion_tokens: 20, cost_usd: 0.000_025 },
         enriched_at: now,
+        content_key: None,
+        reused: false,
+        saved_usd: 0.0,
     }
 }
 

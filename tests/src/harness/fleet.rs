@@ -20,21 +20,41 @@ pub async fn publish_records(
     records: usize,
     per_chunk: usize,
 ) -> Result<u64> {
+    let payloads = (0..records).map(|i| {
+        (
+            format!("{source}-{i}"),
+            json!({"id": i, "event": "review", "message": format!("Customer {i} says the new dashboard is great but export is slow")}).to_string(),
+        )
+    });
+    publish_payloads(js, names, source, payloads.collect(), per_chunk).await
+}
+
+/// Publishes `(id, JSON)` records of source `source` in chunks of `per_chunk`; returns the
+/// chunks.
+pub async fn publish_payloads(
+    js: &async_nats::jetstream::Context,
+    names: &Names,
+    source: &str,
+    payloads: Vec<(String, String)>,
+    per_chunk: usize,
+) -> Result<u64> {
     Topology::new(names.clone(), StreamSettings::default())
         .provision(js, &[StreamKind::Records, StreamKind::Enriched], &[], false)
         .await?;
     let mut chunks = 0u64;
-    for (seq, start) in (0..records).step_by(per_chunk).enumerate() {
-        let batch: Vec<SourceRecord> = (start..(start + per_chunk).min(records))
-            .map(|i| SourceRecord {
-                id: format!("{source}-{i}"),
-                updated_at: None,
-                payload: serde_json::value::RawValue::from_string(
-                    json!({"id": i, "event": "review", "message": format!("Customer {i} says the new dashboard is great but export is slow")}).to_string(),
-                )
-                .expect("valid JSON"),
+    for (seq, group) in payloads.chunks(per_chunk.max(1)).enumerate() {
+        let batch: Vec<SourceRecord> = group
+            .iter()
+            .map(|(id, json)| {
+                Ok(SourceRecord {
+                    id: id.clone(),
+                    updated_at: None,
+                    payload: serde_json::value::RawValue::from_string(json.clone())?,
+                    content_key: None,
+                    prior: None,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let chunk = RecordChunk {
             schema_version: SCHEMA_VERSION,
             source: source.into(),

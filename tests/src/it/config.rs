@@ -245,6 +245,31 @@ fn duplicate_source_names_are_rejected() {
 }
 
 #[test]
+fn ignore_fields_are_pointers_beside_updated_at_and_an_empty_one_is_named() {
+    let mut env = legacy_env();
+    env.insert(
+        "DATA_SOURCES".into(),
+        r#"[{"name":"a","url":"https://x.example/a","ignore_fields":["view_count","/stats/last_seen","view_count"]},
+            {"name":"b","url":"https://x.example/b","updated_at_field":null}]"#
+            .into(),
+    );
+    let config = fetcher::Config::from_env(&env).expect("valid");
+    assert_eq!(
+        config.sources.sources[0].content_ignore,
+        ["/updated_at", "/view_count", "/stats/last_seen"]
+    );
+    assert!(config.sources.sources[1].content_ignore.is_empty());
+    let err = fetcher_errors(&[(
+        "DATA_SOURCES",
+        r#"[{"name":"a","url":"https://x.example/a","ignore_fields":[" "]}]"#,
+    )]);
+    assert_has(
+        &err,
+        "DATA_SOURCES[0].ignore_fields: source \"a\": ignore_fields holds an empty field name; list field names or JSON pointers",
+    );
+}
+
+#[test]
 fn missing_credentials_and_unknown_fields_are_named() {
     let mut env = legacy_env();
     env.remove("DATA_API_KEY");

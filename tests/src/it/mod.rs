@@ -3,6 +3,7 @@
 mod binaries;
 mod cluster;
 mod config;
+mod cost;
 mod delivery;
 mod enricher;
 mod fetch_edges;

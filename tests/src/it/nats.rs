@@ -47,6 +47,8 @@ fn sample_chunk(source: &str, ids: &[&str]) -> RecordChunk {
                 r#"{{"id":"{id}","symbol":"ACME","price":12.5}}"#
             ))
             .unwrap(),
+            content_key: None,
+            prior: None,
         })
         .collect();
     RecordChunk {

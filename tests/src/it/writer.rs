@@ -102,6 +102,9 @@ fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
                 cost_usd: 0.000_006,
             },
             enriched_at: Utc::now(),
+            content_key: None,
+            reused: false,
+            saved_usd: 0.0,
         })
         .collect();
     let last = records
@@ -114,6 +117,8 @@ fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
             id: r.id.clone(),
             updated_at: r.updated_at,
             payload: r.payload.clone(),
+            content_key: None,
+            prior: None,
         })
         .collect();
     EnrichedChunk {
@@ -197,12 +202,13 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
                 .any(|l| l == "applied migration 2 (dead_letter_raw)")
             && first
                 .lines()
-                .any(|l| l == "applied migration 3 (cost_numeric)"),
+                .any(|l| l == "applied migration 3 (cost_numeric)")
+            && first.lines().any(|l| l == "applied migration 4 (reuse)"),
         "{first}"
     );
     let second = migrate(&e).await?;
     assert!(
-        second.lines().any(|l| l == "schema up to date (version 3)"),
+        second.lines().any(|l| l == "schema up to date (version 4)"),
         "{second}"
     );
     assert!(!second.contains("applied migration"), "{second}");
@@ -214,7 +220,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum, additive) VALUES (98, 'future_column', 'x', true)").await?;
     let again = migrate(&e).await?;
     assert!(
-        again.lines().any(|l| l == "schema up to date (version 3)"),
+        again.lines().any(|l| l == "schema up to date (version 4)"),
         "{again}"
     );
     let w = start(&e)?;
@@ -250,7 +256,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("newer than this writer knows (3), and migration 99 (future) is not additive; upgrade the writer"),
+            .contains("newer than this writer knows (4), and migration 99 (future) is not additive; upgrade the writer"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -336,6 +342,70 @@ async fn replays_and_out_of_order_versions_leave_one_row_per_record_with_the_new
 }
 
 #[tokio::test]
+async fn the_same_content_takes_a_newer_different_enrichment_but_never_a_reused_or_older_one()
+-> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let e = env(&t, &db.url);
+    migrate(&e).await?;
+    let running = start(&e)?;
+    let client = db.connect().await?;
+    let row = || async {
+        let r = client
+            .query_one(
+                "SELECT prompt_version, enrichment->>'summary', reused, xmin::text::bigint FROM records WHERE record_id = '1'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok((
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, bool>(2),
+            r.get::<_, i64>(3),
+        ))
+    };
+    let base = Utc::now() - chrono::Duration::hours(1);
+    // Each variant is its own message (a re-enrichment is a new chunk id).
+    let variant = |n: u32, prompt: &str, summary: &str, minutes: i64, reused: bool| {
+        let mut c = chunk("s", &[("1", "2026-11-01T10:00:00Z", "same content")]);
+        c.chunk_id = format!("variant-{n}");
+        let r = &mut c.records[0];
+        r.prompt_version = prompt.into();
+        r.enrichment["summary"] = json!(summary);
+        r.enriched_at = base + chrono::Duration::minutes(minutes);
+        r.reused = reused;
+        c
+    };
+    publish(&t, &variant(1, "v1-a", "first", 0, false)).await?;
+    wait_rows(&db, 1, Duration::from_secs(30)).await?;
+    drained(&t).await?;
+    let (_, _, _, first_xmin) = row().await?;
+
+    // A newer enrichment of the same content with another prompt replaces it.
+    publish(&t, &variant(2, "v1-b", "second", 10, false)).await?;
+    drained(&t).await?;
+    let (prompt, summary, reused, xmin) = row().await?;
+    assert_eq!(
+        (prompt.as_str(), summary.as_str(), reused),
+        ("v1-b", "second", false)
+    );
+    assert_ne!(xmin, first_xmin);
+
+    // Older, reused, or the same enrichment again: nothing changes.
+    publish(&t, &variant(3, "v1-c", "older", 5, false)).await?;
+    publish(&t, &variant(4, "v1-d", "reused", 20, true)).await?;
+    publish(&t, &variant(5, "v1-b", "second", 30, false)).await?;
+    drained(&t).await?;
+    assert_eq!(row().await?, (prompt, summary, reused, xmin));
+
+    // The same prompt with a newer, different answer (a re-enrichment on purpose) replaces it.
+    publish(&t, &variant(6, "v1-b", "third", 40, false)).await?;
+    drained(&t).await?;
+    assert_eq!(row().await?.1, "third");
+    stop(running).await
+}
+
+#[tokio::test]
 async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
     let t = TestNats::new().await?;
     let db = TestDb::new().await?;
@@ -359,6 +429,8 @@ async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
             id: "42".into(),
             updated_at: None,
             payload: serde_json::value::RawValue::from_string("{\"id\":42}".into())?,
+            content_key: None,
+            prior: None,
         },
         reason: "no valid enrichment after 3 attempts: sentiment".into(),
         attempts: 3,
@@ -593,6 +665,8 @@ async fn a_message_postgres_always_rejects_is_dead_lettered_without_blocking_the
             id: "2b".into(),
             updated_at: None,
             payload: serde_json::value::RawValue::from_string(r#"{"id":"2b"}"#.into())?,
+            content_key: None,
+            prior: None,
         },
         reason: "no valid enrichment after 3 attempts".into(),
         attempts: 3,
@@ -966,7 +1040,8 @@ async fn the_optional_roles_get_their_privileges_only_and_log_in_with_the_secret
             "{sql}: {e}"
         );
     }
-    // The fetcher reads the checkpoint and nothing else.
+    // The fetcher reads the checkpoint and what a stored enrichment is made of, nothing else
+    // (not the payloads).
     let fetcher =
         crate::harness::postgres::connect(&as_user(&db.url, "tardis_fetcher", &fetcher_pw)?)
             .await?;
@@ -975,8 +1050,13 @@ async fn the_optional_roles_get_their_privileges_only_and_log_in_with_the_secret
         .await?
         .get(0);
     assert_eq!(n, 1);
+    fetcher
+        .batch_execute("SELECT record_id, content_key, enrichment, model, prompt_version, enriched_at, cost_usd + saved_usd FROM records WHERE source = 's'")
+        .await?;
     for sql in [
-        "SELECT count(*) FROM records",
+        "SELECT payload FROM records",
+        "SELECT * FROM records",
+        "SELECT count(*) FROM dead_letters",
         "UPDATE source_checkpoints SET records_written = 0",
     ] {
         let e = fetcher.batch_execute(sql).await.expect_err(sql);

@@ -1,0 +1,328 @@
+//! What the LLM costs: enrichments of unchanged content reused instead of paid for again, and
+//! the fleet's daily budget. The real binaries as processes, real NATS and Postgres, a
+//! wiremock source and mock-llm.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, SecondsFormat, Utc};
+use devtools::mock_llm::{MockConfig, Running as MockLlm};
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use super::pipeline::fetch_once;
+use super::support::legacy_env;
+use super::writer::migrate;
+use crate::harness::{Captured, TestDb, TestNats, bins, free_port, http_get, wait_for};
+
+/// One record of [`Events`]: id, updated_at, view count.
+type Event = (u64, DateTime<Utc>, u64);
+
+/// A source of [`Event`]s with `page`/`limit`, `pagination.total_pages`, `since` inclusive.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<Event>>>);
+
+impl Respond for Events {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let param = |name: &str| {
+            req.url
+                .query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        let since: Option<DateTime<Utc>> = param("since")
+            .and_then(|v| DateTime::parse_from_rfc3339(&v).ok())
+            .map(|t| t.to_utc());
+        let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+        let page: usize = param("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let mut rows: Vec<Event> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|(_, t, _)| since.is_none_or(|s| *t >= s))
+            .collect();
+        rows.sort_by_key(|(id, t, _)| (*t, *id));
+        let total_pages = rows.len().div_ceil(limit);
+        let data: Vec<Value> = rows
+            .iter()
+            .skip(page.saturating_sub(1) * limit)
+            .take(limit)
+            .map(|(id, t, views)| {
+                json!({
+                    "id": id,
+                    "title": format!("Order {id} shipped late, customer asks for a refund"),
+                    "views": views,
+                    "updated_at": t.to_rfc3339_opts(SecondsFormat::Millis, true),
+                })
+            })
+            .collect();
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"data": data, "pagination": {"total_pages": total_pages}}))
+    }
+}
+
+/// A worker binary with its ops server on `ops` (so its metrics can be read).
+fn spawn_on(name: &str, env: &BTreeMap<String, String>, ops: u16) -> Result<Captured> {
+    let mut cmd = Command::new(bins::bin(name)?);
+    cmd.env_clear()
+        .envs(env)
+        .env("OPS_ADDR", format!("127.0.0.1:{ops}"));
+    Captured::spawn(cmd)
+}
+
+/// The sum of a metric's series (with `filter` in their labels) on `/metrics` at `ops`.
+async fn metric(ops: u16, name: &str, filter: &str) -> Result<f64> {
+    let (_, text) = http_get(&format!("http://127.0.0.1:{ops}/metrics")).await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn llm_requests(llm: &MockLlm) -> u64 {
+    llm.mock.stats()["requests"].as_u64().unwrap_or(0)
+}
+
+fn env_for(t: &TestNats, db: &TestDb, source_url: &str, llm: &MockLlm) -> BTreeMap<String, String> {
+    let mut env = legacy_env();
+    env.insert(
+        "DATA_SOURCES".into(),
+        json!([{
+            "name": "orders", "url": source_url, "auth_type": "none",
+            "initial_lookback": "3650d", "after_id_param": null,
+            "ignore_fields": ["views"],
+        }])
+        .to_string(),
+    );
+    env.insert("CHUNK_SIZE".into(), "250".into());
+    env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
+    env.insert("NATS_URL".into(), t.url.clone());
+    env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
+    env.insert("DATABASE_URL".into(), db.url.clone());
+    env.insert("PGSSLMODE".into(), "disable".into());
+    env.insert("ENRICH_BATCH_LINGER".into(), "20ms".into());
+    env
+}
+
+#[tokio::test]
+async fn refetching_a_thousand_unchanged_records_makes_no_llm_call() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let events = Events::default();
+    let t0 = Utc::now() - chrono::Duration::days(2);
+    *events.0.lock().unwrap() = (1..=1000)
+        .map(|i| (i, t0 + chrono::Duration::seconds(i as i64), i))
+        .collect();
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/orders"))
+        .respond_with(events.clone())
+        .mount(&server)
+        .await;
+    let env = env_for(&t, &db, &format!("{}/orders", server.uri()), &llm);
+    migrate(&env).await?;
+    let enricher_ops = free_port()?;
+    let writer = spawn_on("writer", &env, free_port()?)?;
+    let enricher = spawn_on("enricher", &env, enricher_ops)?;
+    let client = db.connect().await?;
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { anyhow::Ok(client.query_one(sql, &[]).await?.get::<_, i64>(0)) }
+    };
+    let logs = || {
+        format!(
+            "enricher:\n{}\nwriter:\n{}",
+            enricher.output(),
+            writer.output()
+        )
+    };
+
+    fetch_once(&env).await?;
+    wait_for("1,000 rows", Duration::from_secs(120), || async {
+        Ok((count("SELECT count(*) FROM records").await? == 1000).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    let paid = llm_requests(&llm);
+    assert!(paid > 0);
+    let before: Vec<(String, Value, DateTime<Utc>)> = client
+        .query(
+            "SELECT record_id, enrichment, enriched_at FROM records ORDER BY record_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(count("SELECT count(*) FROM records WHERE content_key IS NOT NULL AND NOT reused AND cost_usd > 0").await?, 1000);
+
+    // The source re-saves every record: a new updated_at, a new view count (ignored), the
+    // same content.
+    for (_, t, views) in events.0.lock().unwrap().iter_mut() {
+        *t += chrono::Duration::days(1);
+        *views += 1000;
+    }
+    let out = fetch_once(&env).await?;
+    assert!(out.contains("orders: succeeded, 1000 records"), "{out}");
+    wait_for(
+        "1,000 rows with the new updated_at",
+        Duration::from_secs(120),
+        || async {
+            Ok((count(
+                "SELECT count(*) FROM records WHERE reused AND (payload->>'views')::int > 1000",
+            )
+            .await?
+                == 1000)
+                .then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+
+    assert_eq!(
+        llm_requests(&llm),
+        paid,
+        "no LLM call for unchanged content"
+    );
+    let after: Vec<(String, Value, DateTime<Utc>)> = client
+        .query(
+            "SELECT record_id, enrichment, enriched_at FROM records ORDER BY record_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        after, before,
+        "enrichments and when they were made are kept"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM records WHERE source_updated_at > now() - interval '1 day 1 hour' AND cost_usd = 0 AND prompt_tokens = 0 AND saved_usd > 0").await?,
+        1000,
+        "updated_at moved; nothing spent; what was saved is recorded"
+    );
+    assert_eq!(
+        metric(
+            enricher_ops,
+            "tardis_enrich_records_total",
+            "outcome=\"reused\""
+        )
+        .await?,
+        1000.0
+    );
+    let saved = metric(enricher_ops, "tardis_enrich_saved_usd_total", "").await?;
+    let spent: f64 = client
+        .query_one("SELECT sum(saved_usd)::float8 FROM records", &[])
+        .await?
+        .get(0);
+    assert!(
+        saved > 0.0 && (saved - spent).abs() < 1e-9,
+        "{saved} vs {spent}"
+    );
+    assert!(metric(enricher_ops, "tardis_enrich_saved_calls_total", "").await? > 0.0);
+    println!(
+        "re-fetch of 1,000 unchanged records: {paid} LLM calls the first time, 0 the second; saved ${saved:.6}"
+    );
+
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_daily_budget_pauses_the_fleet_and_a_larger_one_resumes_it_without_loss() -> Result<()>
+{
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let mut env = legacy_env();
+    env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
+    env.insert("NATS_URL".into(), t.url.clone());
+    env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
+    env.insert("DATABASE_URL".into(), db.url.clone());
+    env.insert("PGSSLMODE".into(), "disable".into());
+    env.insert("LLM_BATCH_SIZE".into(), "10".into());
+    env.insert("LLM_CONCURRENCY".into(), "1".into());
+    env.insert("ENRICH_MAX_IN_FLIGHT".into(), "1".into());
+    // A request of 10 of these records costs about $0.0003 at $0.42 per million tokens.
+    env.insert("LLM_DAILY_BUDGET_USD".into(), "0.001".into());
+    migrate(&env).await?;
+    crate::harness::fleet::publish_records(&t.jetstream(), &t.names(), "reviews", 400, 20).await?;
+
+    let ops = free_port()?;
+    let writer = spawn_on("writer", &env, free_port()?)?;
+    let enricher = spawn_on("enricher", &env, ops)?;
+    let client = db.connect().await?;
+    let rows = || async {
+        anyhow::Ok(
+            client
+                .query_one("SELECT count(*) FROM records", &[])
+                .await?
+                .get::<_, i64>(0),
+        )
+    };
+    wait_for(
+        "the enricher paused by the budget",
+        Duration::from_secs(60),
+        || async { Ok((metric(ops, "tardis_enrich_paused", "").await? == 1.0).then_some(())) },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", enricher.output()))?;
+    let spent = metric(ops, "tardis_llm_spend_today_usd", "").await?;
+    assert!(spent >= 0.001, "{spent}");
+    // Paused, not broken: ready, and what it held is finished; nothing more is taken.
+    let (status, _) = http_get(&format!("http://127.0.0.1:{ops}/ready")).await?;
+    assert_eq!(status, 200);
+    let requests = llm_requests(&llm);
+    let settled = wait_for(
+        "the held chunk written",
+        Duration::from_secs(30),
+        || async {
+            let n = rows().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok((rows().await? == n).then_some(n))
+        },
+    )
+    .await?;
+    assert!(settled < 400, "{settled} of 400 rows while paused");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(llm_requests(&llm), requests, "no request while paused");
+    assert!(
+        enricher.output().contains("reached LLM_DAILY_BUDGET_USD"),
+        "{}",
+        enricher.output()
+    );
+    assert_eq!(
+        client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await?
+            .get::<_, i64>(0),
+        0,
+        "nothing is dead-lettered for the budget"
+    );
+
+    // A larger budget (a restart with it) resumes: every record lands, once.
+    enricher.terminate()?;
+    env.insert("LLM_DAILY_BUDGET_USD".into(), "100".into());
+    let enricher = spawn_on("enricher", &env, ops)?;
+    wait_for("400 rows", Duration::from_secs(60), || async {
+        Ok((rows().await? == 400).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", enricher.output(), writer.output()))?;
+    assert_eq!(metric(ops, "tardis_enrich_paused", "").await?, 0.0);
+    let distinct: i64 = client
+        .query_one("SELECT count(DISTINCT record_id) FROM records", &[])
+        .await?
+        .get(0);
+    assert_eq!(distinct, 400);
+    Ok(())
+}
