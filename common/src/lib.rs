@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -436,6 +436,10 @@ pub enum RunOutcome {
     /// Stopped before the last page (`max_pages`); what was read is published, the rest is
     /// not. The report says whether the next run continues from here or starts over.
     Incomplete,
+    /// Not a run: an operator set the source's cursor (`fetcher cursor set`; version 2).
+    CursorSet,
+    /// Not a run: an operator reset the source's cursor (`fetcher cursor reset`; version 2).
+    CursorReset,
 }
 
 impl RunOutcome {
@@ -446,6 +450,8 @@ impl RunOutcome {
             RunOutcome::Skipped => "skipped",
             RunOutcome::Interrupted => "interrupted",
             RunOutcome::Incomplete => "incomplete",
+            RunOutcome::CursorSet => "cursor_set",
+            RunOutcome::CursorReset => "cursor_reset",
         }
     }
 }
@@ -472,7 +478,18 @@ pub struct FetchRun {
     /// Records that came after a record with a later `(updated_at, id)` in the same run.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub out_of_order: u64,
+    /// A cursor move: where the cursor was before (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_before: Option<Cursor>,
+    /// A cursor move: who moved it and why (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// The version of [`FetchRun`] that records a cursor move (`cursor_set`, `cursor_reset`, with
+/// `cursor_before` and `note`); run reports are still written as version 1, so writers older
+/// than it read them. Upgrade writers before moving cursors with a newer fetcher.
+pub const FETCH_RUN_VERSION: u32 = 2;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -480,6 +497,8 @@ fn is_zero(n: &u64) -> bool {
 
 impl Envelope for FetchRun {
     const KIND: &'static str = "fetch run";
+    const VERSION: u32 = FETCH_RUN_VERSION;
+    const OLDEST: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
     }
@@ -605,6 +624,8 @@ mod tests {
             cursor_after: None,
             warnings: vec![],
             out_of_order: 0,
+            cursor_before: None,
+            note: None,
         };
         round_trip(&run);
     }

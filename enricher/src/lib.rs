@@ -160,6 +160,13 @@ pub async fn run_with(
         return Ok(ExitCode::SUCCESS);
     };
     let js = async_nats::jetstream::new(client.clone());
+    tardis_common::nats::presence::announce(
+        js.clone(),
+        &config.common.names,
+        config.common.streams.replicas,
+        COMPONENT,
+        shutdown.clone(),
+    );
     let spec = consumer_spec(&config);
     let bucket = provision_jetstream(&config, &js).await?;
     let names = config.common.names.clone();

@@ -113,6 +113,8 @@ impl Collector {
             cursor_after: report.cursor_after.clone(),
             warnings: report.warnings.clone(),
             out_of_order: report.out_of_order,
+            cursor_before: None,
+            note: None,
         };
         // The report goes out even when the run was interrupted, within a short grace.
         let grace = CancellationToken::new();

@@ -16,13 +16,153 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Subcommand, PartialEq, Default)]
 pub enum Command {
     /// Consume and write until SIGTERM (the default).
     #[default]
     Run,
     /// Apply the database migrations, then exit.
     Migrate,
+    /// Where every source and stage stands: cursors, checkpoints, last runs, work in flight,
+    /// dead letters, today's tokens and dollars, lag and replicas.
+    Status {
+        /// One JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters: list them, show one, replay them after a fix.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Re-enrich stored records (read from Postgres, not fetched again), for a new prompt,
+    /// schema or model: prints what it selected and the estimated cost, then publishes.
+    Reenrich(ReenrichArgs),
+}
+
+impl Command {
+    /// Whether this is a day-2 command (run once, print, exit) rather than the worker.
+    pub fn is_admin(&self) -> bool {
+        !matches!(self, Command::Run | Command::Migrate)
+    }
+
+    /// The command's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Run => "run",
+            Command::Migrate => "migrate",
+            Command::Status { .. } => "status",
+            Command::Dlq(DlqCommand::List { .. }) => "dlq list",
+            Command::Dlq(DlqCommand::Show { .. }) => "dlq show",
+            Command::Dlq(DlqCommand::Replay { .. }) => "dlq replay",
+            Command::Reenrich(_) => "reenrich",
+        }
+    }
+}
+
+/// Which dead letters a `dlq` command takes.
+#[derive(Debug, Clone, clap::Args, PartialEq, Eq, Default)]
+pub struct DlqFilter {
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only this stage: fetch, enrich or write.
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Only letters whose reason contains this text (any case).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only letters last seen at or after this time (RFC 3339, or an age such as 24h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only letters last seen before this time (RFC 3339, or an age such as 1h).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only these records (repeat the flag for several).
+    #[arg(long = "record-id")]
+    pub record_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Subcommand, PartialEq, Eq)]
+pub enum DlqCommand {
+    /// List open dead letters (with --all, resolved ones too), newest first.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Resolved letters too.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show dead letters of one record, with their payloads.
+    Show {
+        source: String,
+        record_id: String,
+        /// Only this stage.
+        #[arg(long)]
+        stage: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay open dead letters of the enrich or write stage through enrichment again (after
+    /// a prompt or schema fix). Each is marked replayed, so it is never replayed twice unless
+    /// it failed again since; a replayed record that is written resolves its letter.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print what would be replayed, replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which stored records `reenrich` takes, and how fast.
+#[derive(Debug, Clone, clap::Args, PartialEq, Default)]
+pub struct ReenrichArgs {
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only rows enriched with this prompt version.
+    #[arg(long = "prompt-version")]
+    pub prompt_version: Option<String>,
+    /// Only rows not enriched with this prompt version (the new one: what is left to redo).
+    #[arg(long = "not-prompt-version")]
+    pub not_prompt_version: Option<String>,
+    /// Only rows enriched by this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only rows enriched at or after this time (RFC 3339, or an age such as 7d).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only rows enriched before this time (RFC 3339, or an age such as 1h).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// `enrichment.<field>=<value>` or `payload.<field>=<value>` (repeat for several; values
+    /// are bound as parameters, never spliced into SQL).
+    #[arg(long = "where")]
+    pub filters: Vec<String>,
+    /// At most this many records.
+    #[arg(long)]
+    pub limit: Option<i64>,
+    /// Records per second published.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Records per chunk.
+    #[arg(long, default_value_t = 100)]
+    pub chunk: usize,
+    /// Print the selection and its estimated cost, publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Clone)]

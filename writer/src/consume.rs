@@ -350,6 +350,10 @@ impl Loop {
                         .await
                         .map_err(classify)?
                 };
+                // Replayed dead letters whose record is now written are resolved with it.
+                store::resolve_replayed(&tx, &chunks)
+                    .await
+                    .map_err(classify)?;
                 tx.commit().await.map_err(classify)?;
                 for l in &letters {
                     warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");

@@ -17,6 +17,7 @@
 //! * [`consume`]: the batch loops, failure handling, dead letters.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod consume;
 pub mod metrics;
@@ -153,6 +154,13 @@ async fn run_inner(
         ops.stop().await;
         return Ok(ExitCode::SUCCESS);
     };
+    tardis_common::nats::presence::announce(
+        async_nats::jetstream::new(client.clone()),
+        &config.common.names,
+        config.common.streams.replicas,
+        COMPONENT,
+        shutdown.clone(),
+    );
     // The work left in every stage, from as soon as NATS answers (Postgres may still be
     // down): the writer always runs, so a scaler always has the series.
     let lag = tokio::spawn(

@@ -52,6 +52,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0004_reuse.sql"),
         additive: true,
     },
+    Migration {
+        version: 5,
+        name: "operations",
+        sql: include_str!("../migrations/0005_operations.sql"),
+        additive: true,
+    },
 ];
 
 /// The schema version this build expects.

@@ -6,8 +6,10 @@
 //! row only when its content or its `updated_at` differs, so a replay, or the same record
 //! fetched again unchanged, leaves the row untouched (its `xmin` does not change), and for a
 //! source without `updated_at` the version fetched last wins — never one chosen by a hash.
-//! The same version enriched again replaces the row when the new enrichment is newer and
-//! differs (a new prompt version or model, a re-enrichment), never with a reused one.
+//! The same version (the same payload, byte for byte or as JSON: a re-enrichment reads it back
+//! from `jsonb`, and the same `updated_at`) enriched again replaces the row when the new
+//! enrichment is newer and differs (a new prompt version or model, a re-enrichment), never
+//! with a reused one.
 
 use std::collections::HashMap;
 
@@ -170,13 +172,13 @@ pub async fn write_records(
                     prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
                     source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
                     completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
-                    fetched_at = EXCLUDED.fetched_at, enriched_at = EXCLUDED.enriched_at, written_at = now(),
+                    fetched_at = GREATEST(r.fetched_at, EXCLUDED.fetched_at), enriched_at = EXCLUDED.enriched_at, written_at = now(),
                     content_key = EXCLUDED.content_key, reused = EXCLUDED.reused, saved_usd = EXCLUDED.saved_usd
                  WHERE ((coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
                          > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
                        AND (EXCLUDED.content_hash <> r.content_hash
                          OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at))
-                    OR (EXCLUDED.content_hash = r.content_hash
+                    OR ((EXCLUDED.content_hash = r.content_hash OR EXCLUDED.payload = r.payload)
                        AND EXCLUDED.source_updated_at IS NOT DISTINCT FROM r.source_updated_at
                        AND NOT EXCLUDED.reused
                        AND EXCLUDED.enriched_at > r.enriched_at
@@ -262,17 +264,48 @@ pub async fn write_dead_letters(
     let chunks: Vec<String> = list.iter().map(|l| l.chunk_id.clone()).collect();
     let runs: Vec<String> = list.iter().map(|l| l.run_id.clone()).collect();
     let at: Vec<DateTime<Utc>> = list.iter().map(|l| l.failed_at).collect();
+    let updated: Vec<Option<DateTime<Utc>>> = list.iter().map(|l| l.record.updated_at).collect();
+    // A later failure reopens a resolved letter.
     tx.execute(
-        "INSERT INTO dead_letters AS d (stage, source, record_id, payload, reason, last_error, attempts, chunk_id, run_id, occurrences, first_seen, last_seen)
-         SELECT st, so, i, p::jsonb, r, e, a, c, ru, 1, t, t
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::text[], $9::text[], $10::timestamptz[])
-              AS x(st, so, i, p, r, e, a, c, ru, t)
+        "INSERT INTO dead_letters AS d (stage, source, record_id, payload, reason, last_error, attempts, chunk_id, run_id, occurrences, first_seen, last_seen, source_updated_at)
+         SELECT st, so, i, p::jsonb, r, e, a, c, ru, 1, t, t, u
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[])
+              AS x(st, so, i, p, r, e, a, c, ru, t, u)
          ON CONFLICT (stage, source, record_id) DO UPDATE SET
             payload = EXCLUDED.payload, reason = EXCLUDED.reason, last_error = EXCLUDED.last_error,
             attempts = EXCLUDED.attempts, chunk_id = EXCLUDED.chunk_id, run_id = EXCLUDED.run_id,
-            occurrences = d.occurrences + 1, last_seen = EXCLUDED.last_seen
+            occurrences = d.occurrences + 1, last_seen = EXCLUDED.last_seen,
+            source_updated_at = EXCLUDED.source_updated_at, resolved_at = NULL, resolution = NULL
          WHERE EXCLUDED.last_seen > d.last_seen",
-        &[&stages, &sources, &ids, &payloads, &reasons, &errors, &attempts, &chunks, &runs, &at],
+        &[&stages, &sources, &ids, &payloads, &reasons, &errors, &attempts, &chunks, &runs, &at, &updated],
+    )
+    .await
+}
+
+/// The `run_id` prefix of the record chunks `writer dlq replay` publishes.
+pub const REPLAY_RUN_PREFIX: &str = "replay-";
+
+/// Resolves the replayed dead letters (stages `enrich` and `write`) of the records that
+/// replayed chunks (`run_id` starting with [`REPLAY_RUN_PREFIX`]) brought back enriched.
+/// Ordinary chunks cost nothing here.
+pub async fn resolve_replayed(
+    tx: &Transaction<'_>,
+    chunks: &[EnrichedChunk],
+) -> Result<u64, tokio_postgres::Error> {
+    let (sources, ids): (Vec<String>, Vec<String>) = chunks
+        .iter()
+        .filter(|c| c.run_id.starts_with(REPLAY_RUN_PREFIX))
+        .flat_map(|c| c.records.iter().map(|r| (c.source.clone(), r.id.clone())))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute(
+        "UPDATE dead_letters d SET resolved_at = now(), resolution = 'replayed and written'
+           FROM unnest($1::text[], $2::text[]) AS k(source, record_id)
+          WHERE d.stage IN ('enrich', 'write') AND d.source = k.source AND d.record_id = k.record_id
+            AND d.replayed_at IS NOT NULL AND d.resolved_at IS NULL",
+        &[&sources, &ids],
     )
     .await
 }
@@ -318,8 +351,8 @@ pub async fn write_runs(
     for r in runs {
         n += tx
             .execute(
-                "INSERT INTO fetch_runs (source, run_id, started_at, finished_at, records, pages, chunks, bytes, outcome, error, cursor_after)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                "INSERT INTO fetch_runs (source, run_id, started_at, finished_at, records, pages, chunks, bytes, outcome, error, cursor_after, cursor_before, note)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                  ON CONFLICT (source, run_id) DO NOTHING",
                 &[
                     &r.source,
@@ -333,6 +366,8 @@ pub async fn write_runs(
                     &r.outcome.as_str(),
                     &run_error(r),
                     &r.cursor_after.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+                    &r.cursor_before.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+                    &r.note,
                 ],
             )
             .await?;

@@ -28,6 +28,7 @@ use async_nats::jetstream::{self};
 
 pub mod lag;
 mod names;
+pub mod presence;
 mod publish;
 mod settings;
 mod topology;

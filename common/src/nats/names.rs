@@ -96,6 +96,12 @@ impl Names {
     pub fn fetch_lease_bucket(&self) -> String {
         self.name("TARDIS_FETCH_LEASES")
     }
+
+    /// The key-value bucket where running workers announce themselves (entries expire on the
+    /// server): the replicas `writer status` reports.
+    pub fn presence_bucket(&self) -> String {
+        self.name("TARDIS_PRESENCE")
+    }
 }
 
 /// The streams of the pipeline.

@@ -11,6 +11,7 @@ mod fetcher;
 mod fleet;
 mod manifests;
 mod nats;
+mod operations;
 mod pipeline;
 mod postgres;
 mod support;

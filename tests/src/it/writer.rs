@@ -203,12 +203,15 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
             && first
                 .lines()
                 .any(|l| l == "applied migration 3 (cost_numeric)")
-            && first.lines().any(|l| l == "applied migration 4 (reuse)"),
+            && first.lines().any(|l| l == "applied migration 4 (reuse)")
+            && first
+                .lines()
+                .any(|l| l == "applied migration 5 (operations)"),
         "{first}"
     );
     let second = migrate(&e).await?;
     assert!(
-        second.lines().any(|l| l == "schema up to date (version 4)"),
+        second.lines().any(|l| l == "schema up to date (version 5)"),
         "{second}"
     );
     assert!(!second.contains("applied migration"), "{second}");
@@ -220,7 +223,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum, additive) VALUES (98, 'future_column', 'x', true)").await?;
     let again = migrate(&e).await?;
     assert!(
-        again.lines().any(|l| l == "schema up to date (version 4)"),
+        again.lines().any(|l| l == "schema up to date (version 5)"),
         "{again}"
     );
     let w = start(&e)?;
@@ -256,7 +259,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("newer than this writer knows (4), and migration 99 (future) is not additive; upgrade the writer"),
+            .contains("newer than this writer knows (5), and migration 99 (future) is not additive; upgrade the writer"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -463,6 +466,8 @@ async fn dead_letters_and_fetch_runs_are_persisted() -> Result<()> {
         cursor_after: None,
         warnings: vec!["page full and no next page".into()],
         out_of_order: 0,
+        cursor_before: None,
+        note: None,
     };
     publish_durably(
         &t.jetstream(),
