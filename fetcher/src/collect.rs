@@ -88,6 +88,8 @@ pub(crate) struct Progress {
     /// The cursor as this run holds it (incremental runs).
     held: Option<HeldCursor>,
     warnings: Vec<String>,
+    /// A backfill's progress line or log.
+    backfill: Option<crate::progress::BackfillProgress>,
     /// Stored enrichments could not be looked up once in this run: the rest of the run does
     /// not try again (the records go to the LLM at full price).
     pub(crate) priors_failed: bool,
@@ -219,6 +221,7 @@ impl Collector {
             cursor: progress.cursor.clone(),
             published_total: progress.published_total,
             updated_at: Utc::now(),
+            reset: false,
         };
         self.state
             .save_cursor(held, &state)
@@ -257,22 +260,32 @@ impl Collector {
         } else {
             (None, None)
         };
+        let reset = saved.as_ref().is_some_and(|s| s.reset);
         let start_cursor = match saved.as_ref().and_then(|s| s.cursor.clone()) {
             Some(c) => Some(c),
+            // `fetcher cursor reset`: from the initial lookback, not the written checkpoint.
+            None if reset => None,
             None if incremental => self.checkpoint_cursor(&source.name).await?,
             None => None,
         };
-        let mut progress = Progress {
-            records: 0,
-            pages: 0,
-            chunks: 0,
-            bytes: 0,
-            cursor: start_cursor.clone(),
-            published_total: saved.as_ref().map_or(0, |s| s.published_total),
-            held,
-            warnings: Vec::new(),
-            priors_failed: false,
-        };
+        let mut progress =
+            Progress {
+                records: 0,
+                pages: 0,
+                chunks: 0,
+                bytes: 0,
+                cursor: start_cursor.clone(),
+                published_total: saved.as_ref().map_or(0, |s| s.published_total),
+                held,
+                warnings: Vec::new(),
+                priors_failed: false,
+                backfill: match mode {
+                    Mode::Backfill { since, until } => Some(
+                        crate::progress::BackfillProgress::new(&source.name, *since, *until),
+                    ),
+                    Mode::Incremental => None,
+                },
+            };
         let mut advance = Advance::new(
             source.order,
             start_cursor.clone(),
@@ -386,6 +399,7 @@ impl Collector {
                         .is_none_or(|t| t >= *since && until.is_none_or(|u| t < u)),
                 })
                 .collect();
+            let newest = wanted.iter().filter_map(|r| r.updated_at).max();
             let step = pager.next(&PageInfo {
                 url: &url,
                 body: &page.body,
@@ -412,6 +426,9 @@ impl Collector {
                 token,
             )
             .await?;
+            if let Some(backfill) = progress.backfill.as_mut() {
+                backfill.page(progress.pages, progress.records, newest);
+            }
             if let Some(end) = final_cursor
                 && progress.cursor != end
             {

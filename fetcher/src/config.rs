@@ -50,6 +50,52 @@ pub enum CliCommand {
         #[arg(long, env = "BACKFILL_UNTIL")]
         until: Option<String>,
     },
+    /// Show, set or reset a source's fetch cursor (what the next run starts after).
+    #[command(subcommand)]
+    Cursor(CursorCommand),
+}
+
+/// `fetcher cursor ...`.
+#[derive(Debug, Clone, Subcommand, PartialEq, Eq)]
+pub enum CursorCommand {
+    /// Each source's cursor, records published and whether a run holds it.
+    Show {
+        /// Only these sources (default: all configured).
+        sources: Vec<String>,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a source's cursor: the next run fetches what follows it.
+    Set {
+        source: String,
+        /// The `updated_at` to continue after (RFC 3339, sent to the source as written).
+        #[arg(long = "updated-at", conflicts_with = "token")]
+        updated_at: Option<String>,
+        /// With --updated-at: the id of the last record at that time (records at that time
+        /// with a larger id are still fetched); default: none, so all of them are.
+        #[arg(long)]
+        id: Option<String>,
+        /// An opaque continuation token instead (cursor pagination).
+        #[arg(long)]
+        token: Option<String>,
+        /// Who moves it, recorded in fetch_runs.
+        #[arg(long, default_value = "an operator")]
+        by: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Forget a source's cursor: the next run starts from its initial_lookback.
+    Reset {
+        source: String,
+        /// Who resets it, recorded in fetch_runs.
+        #[arg(long, default_value = "an operator")]
+        by: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// What to do, checked.
@@ -65,6 +111,8 @@ pub enum Command {
         since: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
     },
+    /// `fetcher cursor ...` (a day-2 command: runs once and prints).
+    Cursor(CursorCommand),
 }
 
 impl Default for Command {
@@ -87,6 +135,27 @@ impl CliCommand {
         match self {
             CliCommand::Run { sources } => Command::Run { sources },
             CliCommand::Daemon { run_at_start } => Command::Daemon { run_at_start },
+            CliCommand::Cursor(c) => {
+                if let CursorCommand::Set {
+                    updated_at, token, ..
+                } = &c
+                {
+                    match (updated_at, token) {
+                        (None, None) => r.problem(
+                            "fetcher cursor set",
+                            "needs --updated-at or --token",
+                            "for example fetcher cursor set market_data --updated-at 2026-12-01T00:00:00Z",
+                        ),
+                        (Some(t), _) if parse_time(t).is_err() => r.problem(
+                            "--updated-at",
+                            format!("is not an RFC 3339 time: {t:?}"),
+                            "for example --updated-at 2026-12-01T00:00:00Z",
+                        ),
+                        _ => {}
+                    }
+                }
+                Command::Cursor(c)
+            }
             CliCommand::Backfill {
                 source,
                 since,
@@ -201,6 +270,21 @@ impl Config {
                 }
             }
             Command::Daemon { .. } => {}
+            Command::Cursor(c) => {
+                let wanted: Vec<&String> = match c {
+                    CursorCommand::Show { sources, .. } => sources.iter().collect(),
+                    CursorCommand::Set { source, .. } | CursorCommand::Reset { source, .. } => {
+                        vec![source]
+                    }
+                };
+                for w in wanted.into_iter().filter(|w| !known(w)) {
+                    r.problem(
+                        "fetcher cursor",
+                        format!("unknown source {w:?}"),
+                        format!("use one of {}", names()),
+                    );
+                }
+            }
         }
         r.finish()?;
         Ok(Self {

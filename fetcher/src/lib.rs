@@ -17,6 +17,7 @@
 //! it read everything, so a CronJob's Job fails and alerts).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod advance;
 pub mod checkpoint;
 pub mod chunker;
@@ -32,6 +33,7 @@ pub mod link;
 pub mod metrics;
 pub mod pagination;
 pub mod plan;
+pub mod progress;
 pub mod publish;
 pub mod redact;
 pub mod report;
@@ -181,6 +183,7 @@ pub async fn run_with(
             daemon::run(&collector, &config.sources, run_at_start, &shutdown).await;
             ExitCode::SUCCESS
         }
+        Command::Cursor(_) => anyhow::bail!("`fetcher cursor` is a day-2 command, not a run"),
     };
     client.flush().await.context("flushing NATS")?;
     client

@@ -28,7 +28,11 @@ pub fn incremental_params(
                 since,
             }),
         ) => {
-            if let Some(p) = &source.after_id_param {
+            // A cursor set by hand to a time alone has no id: every record at that time
+            // follows it, and an empty `after_id` would be a bad request.
+            if let Some(p) = &source.after_id_param
+                && !id.is_empty()
+            {
                 params.push((p.clone(), id.clone()));
             }
             // Exactly as the source wrote it: a source comparing strings skips nothing.

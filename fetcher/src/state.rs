@@ -28,6 +28,10 @@ pub struct CursorState {
     /// Records published by all runs so far (for the in-flight gauge).
     pub published_total: u64,
     pub updated_at: DateTime<Utc>,
+    /// Set by `fetcher cursor reset`: with no cursor, the next run starts from the source's
+    /// `initial_lookback` instead of the written checkpoint. Cleared by the next save.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// A run lease.
@@ -173,6 +177,7 @@ impl FetchState {
                     cursor: None,
                     published_total: 0,
                     updated_at: Utc::now(),
+                    reset: false,
                 };
                 let bytes = serde_json::to_vec(&empty).map_err(|e| write_error(&key, e))?;
                 let revision = self

@@ -655,6 +655,7 @@ async fn a_fetcher_that_lost_its_lease_cannot_move_the_cursor() -> Result<()> {
         }),
         published_total: 1,
         updated_at: Utc::now(),
+        reset: false,
     };
     let err = state
         .save_cursor(&mut a_cursor, &cursor("from-a"))

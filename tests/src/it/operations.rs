@@ -323,3 +323,132 @@ async fn commands_say_what_they_cannot_reach_and_never_print_a_secret() -> Resul
     assert!(err.contains("enrichment.<name> or payload.<name>"), "{err}");
     Ok(())
 }
+
+/// A fetcher day-2 command: exit code, stdout, stderr.
+async fn fetcher(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, String, String)> {
+    let env = env.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bins::bin("fetcher")?)
+            .args(&args)
+            .env_clear()
+            .envs(&env)
+            .output()
+            .map_err(anyhow::Error::from)
+    })
+    .await??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn a_cursor_is_shown_moved_with_a_record_of_who_and_reset_to_the_lookback() -> Result<()> {
+    use devtools::demo_source::{DemoConfig, Running as DemoSource};
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let demo = DemoSource::start(DemoConfig {
+        backlog: 200,
+        frozen: true,
+        ..DemoConfig::default()
+    })
+    .await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let env = super::pipeline::pipeline_env(&t, &db, &demo, &llm)?;
+    migrate(&env).await?;
+    let writer_proc = spawn("writer", &env)?;
+    let out = super::pipeline::fetch_once(&env).await?;
+    assert!(out.contains("market_data: succeeded, 200 records"), "{out}");
+
+    let (code, out, err) = fetcher(&env, &["cursor", "show"]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("market_data") && out.contains("user_events") && out.contains(" #"),
+        "{out}"
+    );
+    let (code, _, err) = fetcher(&env, &["cursor", "show", "nope"]).await?;
+    assert_eq!(code, 64);
+    assert!(err.contains("unknown source \"nope\""), "{err}");
+
+    let to = "2020-01-01T00:00:00Z";
+    let (code, _, err) =
+        fetcher(&env, &["cursor", "set", "market_data", "--updated-at", to]).await?;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not confirmed: the cursor did not move"),
+        "{err}"
+    );
+    let (code, out, err) = fetcher(
+        &env,
+        &[
+            "cursor",
+            "set",
+            "market_data",
+            "--updated-at",
+            to,
+            "--by",
+            "alice",
+            "--yes",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("-> 2020-01-01T00:00:00Z (recorded in fetch_runs as cursor_set by alice)"),
+        "{out}"
+    );
+    let (_, out, _) = fetcher(&env, &["cursor", "show", "market_data", "--json"]).await?;
+    let shown: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(shown["state"]["cursor"]["since"], to, "{shown}");
+    wait_for("the move recorded", Duration::from_secs(30), || async {
+        Ok((count(&db, "SELECT count(*) FROM fetch_runs WHERE outcome = 'cursor_set' AND note LIKE '%alice%' AND cursor_before IS NOT NULL AND cursor_after->>'since' = '2020-01-01T00:00:00Z'").await? == 1).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", writer_proc.output()))?;
+
+    // Reset: the next run starts from initial_lookback. Both sources are read whole again
+    // (market_data from 2020): 400 records served; JetStream drops the chunks it already
+    // has, so nothing is enriched twice.
+    let (code, out, err) = fetcher(&env, &["cursor", "reset", "user_events", "--yes"]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cursor_reset"), "{out}");
+    let served = || async {
+        let (_, text) = crate::harness::http_get(&demo.url("/admin/stats")).await?;
+        let stats: Value = serde_json::from_str(&text)?;
+        anyhow::Ok(stats["records_sent_in_responses"].as_u64().unwrap_or(0))
+    };
+    let before = served().await?;
+    let out = super::pipeline::fetch_once(&env).await?;
+    assert!(
+        out.contains("market_data: succeeded") && out.contains("user_events: succeeded"),
+        "{out}"
+    );
+    assert_eq!(served().await? - before, 400, "{out}");
+
+    // A backfill off a terminal reports its progress as JSON log lines.
+    let (code, out, err) = fetcher(
+        &env,
+        &[
+            "backfill",
+            "--source",
+            "market_data",
+            "--since",
+            "2020-01-01T00:00:00Z",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let line: Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "backfill progress")
+        .ok_or_else(|| anyhow::anyhow!("no progress line in\n{out}"))?;
+    assert_eq!(line["source"], "market_data", "{line}");
+    assert!(
+        line["pages"].as_u64() >= Some(1) && line["eta_seconds"].is_u64(),
+        "{line}"
+    );
+    Ok(())
+}
