@@ -30,35 +30,30 @@ pub fn decide(
         .iter()
         .zip(outcomes)
         .map(|(record, outcome)| match outcome {
-            Some(Outcome::Enriched { enrichment, usage }) => Decision::Enriched(EnrichedRecord {
-                id: record.id.clone(),
-                updated_at: record.updated_at,
-                payload: record.payload.clone(),
+            Some(Outcome::Enriched { enrichment, usage }) => Decision::Enriched(enriched(
+                record,
                 enrichment,
-                model: model.to_string(),
-                prompt_version: prompt_version.to_string(),
+                model,
+                prompt_version,
                 usage,
-                enriched_at: now,
-                content_key: record.content_key.clone(),
-                reused: false,
-                saved_usd: 0.0,
-            }),
+                now,
+                0.0,
+            )),
             Some(Outcome::Reused {
                 enrichment,
                 enriched_at,
                 saved_usd,
             }) => Decision::Enriched(EnrichedRecord {
-                id: record.id.clone(),
-                updated_at: record.updated_at,
-                payload: record.payload.clone(),
-                enrichment,
-                model: model.to_string(),
-                prompt_version: prompt_version.to_string(),
-                usage: Default::default(),
-                enriched_at,
-                content_key: record.content_key.clone(),
                 reused: true,
-                saved_usd,
+                ..enriched(
+                    record,
+                    enrichment,
+                    model,
+                    prompt_version,
+                    Default::default(),
+                    enriched_at,
+                    saved_usd,
+                )
             }),
             Some(Outcome::Dead {
                 reason,
@@ -81,6 +76,31 @@ pub fn decide(
             }),
         })
         .collect()
+}
+
+/// `record` with its enrichment (made at `at`, for `usage`; `saved_usd` when reused).
+fn enriched(
+    record: &tardis_common::messages::SourceRecord,
+    enrichment: serde_json::Value,
+    model: &str,
+    prompt_version: &str,
+    usage: tardis_common::messages::Usage,
+    at: chrono::DateTime<Utc>,
+    saved_usd: f64,
+) -> EnrichedRecord {
+    EnrichedRecord {
+        id: record.id.clone(),
+        updated_at: record.updated_at,
+        payload: record.payload.clone(),
+        enrichment,
+        model: model.to_string(),
+        prompt_version: prompt_version.to_string(),
+        usage,
+        enriched_at: at,
+        content_key: record.content_key.clone(),
+        reused: false,
+        saved_usd,
+    }
 }
 
 /// The message holding `decisions` (records `k`-th of `n` parts of `chunk`).

@@ -309,15 +309,7 @@ impl Pipeline {
                 });
                 n
             ];
-            let tracked = Tracked {
-                msg,
-                chunk,
-                outcomes,
-                remaining: 0,
-                _permit: permit,
-            };
-            self.finalize(tracked).await;
-            return;
+            return self.finalize_decided(msg, chunk, outcomes, permit).await;
         }
         // A stored enrichment of the same content, made with this prompt version and model and
         // valid for this schema, is the record's outcome: no LLM call.
@@ -340,15 +332,7 @@ impl Pipeline {
             .collect();
         let remaining = outcomes.iter().filter(|o| o.is_none()).count();
         if remaining == 0 {
-            let tracked = Tracked {
-                msg,
-                chunk,
-                outcomes,
-                remaining: 0,
-                _permit: permit,
-            };
-            self.finalize(tracked).await;
-            return;
+            return self.finalize_decided(msg, chunk, outcomes, permit).await;
         }
         let queued: Vec<Item> = chunk
             .records
@@ -524,6 +508,24 @@ impl Pipeline {
             .into_iter()
             .filter_map(|k| map.remove(&k))
             .collect()
+    }
+
+    /// Finalizes a chunk whose every record is decided without the LLM.
+    async fn finalize_decided(
+        &self,
+        msg: jetstream::Message,
+        chunk: RecordChunk,
+        outcomes: Vec<Option<Outcome>>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let tracked = Tracked {
+            msg,
+            chunk,
+            outcomes,
+            remaining: 0,
+            _permit: permit,
+        };
+        self.finalize(tracked).await;
     }
 
     /// Publishes a complete chunk's results, then acks it (or naks it if a publish failed).

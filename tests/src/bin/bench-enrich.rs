@@ -9,11 +9,11 @@
 //! prints records/s, the theoretical maximum the limits allow, their ratio and the 429s.
 //!
 //! `bench-enrich -- --overhead [--records N]` measures what a record costs in tokens instead:
-//! the demo source's records (about 134 characters of JSON) through the enricher at the
-//! default batch and at batches of 1, 5, 20 and 50, against mock-llm (no limits), and prints
-//! per batch the whole prompt's characters per character of the records' JSON (the prompt
-//! overhead), and tokens per record against the floor: the record's own tokens plus its own
-//! result's (about four characters a token, as the mock counts).
+//! the demo source's records in requests built by the enricher's protocol code at batches of
+//! 1, 5, 20, the default and 50, answered by mock-llm's answer function; it prints per batch
+//! the whole prompt's characters per character of the records' JSON (the prompt overhead),
+//! and tokens per record against the floor: the record's own tokens plus its own result's
+//! (four characters a token, as the mock and the budget estimate count).
 
 use std::process::Command;
 use std::time::Duration;
@@ -72,7 +72,7 @@ fn args() -> Result<Args> {
 async fn main() -> Result<()> {
     let a = args()?;
     if a.overhead {
-        return overhead(a.records.min(2000)).await;
+        return overhead(a.records.clamp(100, 100_000)).await;
     }
     let nats = NatsServer::start().await?;
     let llm = MockLlm::start(MockConfig {
@@ -135,82 +135,104 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Tokens per record against the floor, for demo records, per batch size.
+/// Tokens per record against the floor, for demo records, per batch size: the requests are
+/// built by the enricher's own protocol code (system prompt, user message, request body) and
+/// answered by mock-llm's answer function, so what is counted is exactly what would be sent
+/// and received; tokens are counted as the mock and the enricher's budget estimate them
+/// (four characters a token).
 async fn overhead(records: usize) -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = async_nats::connect(nats.url()).await?;
-    let js = async_nats::jetstream::new(client);
+    use enricher::protocol;
+    let env: std::collections::HashMap<String, String> = [(
+        "PROCESSOR_ENDPOINT".to_string(),
+        "http://127.0.0.1:9/v1/chat/completions".to_string(),
+    )]
+    .into();
+    let mut reader = tardis_common::config::Reader::new(&env);
+    let settings = enricher::config::LlmSettings::read(&mut reader);
+    reader.finish()?;
+    let schema = enricher::schema::EnrichmentSchema::default();
+    let system = protocol::system_prompt(None, &schema);
     let demo = devtools::demo_source::Demo::new(
         devtools::demo_source::DemoConfig::default(),
         chrono::Utc::now(),
     );
-    let payloads: Vec<(String, String)> = (1..=records as u64)
+    let payloads: Vec<(String, Box<serde_json::value::RawValue>)> = (1..=records as u64)
         .map(|i| {
             let kind = if i % 2 == 0 {
                 devtools::demo_source::Kind::MarketData
             } else {
                 devtools::demo_source::Kind::UserEvents
             };
-            (i.to_string(), demo.record(kind, i).to_string())
+            let json = demo.record(kind, i).to_string();
+            Ok((
+                i.to_string(),
+                serde_json::value::RawValue::from_string(json)?,
+            ))
         })
-        .collect();
-    let mean = payloads.iter().map(|(_, p)| p.len()).sum::<usize>() as f64 / records as f64;
-    println!("{records} demo records, {mean:.0} characters of JSON each on average");
+        .collect::<Result<_>>()?;
+    let mean = payloads.iter().map(|(_, p)| p.get().len()).sum::<usize>() as f64 / records as f64;
     println!(
-        "{:>7} {:>9} {:>17} {:>14} {:>14} {:>8}",
+        "{records} demo records, {mean:.0} characters of JSON each; system prompt {} characters; default batch {}",
+        system.len(),
+        settings.batch_size
+    );
+    println!(
+        "{:>7} {:>9} {:>15} {:>14} {:>13} {:>7}",
         "batch", "requests", "prompt/records", "tokens/record", "floor/record", "ratio"
     );
+    let tokens = |chars: usize| chars.div_ceil(4);
     for (label, batch) in [
-        ("1", Some(1)),
-        ("5", Some(5)),
-        ("20", Some(20)),
-        ("default", None),
-        ("50", Some(50)),
+        ("1".to_string(), 1),
+        ("5".to_string(), 5),
+        ("20".to_string(), 20),
+        (
+            format!("{} (default)", settings.batch_size),
+            settings.batch_size as usize,
+        ),
+        ("50".to_string(), 50),
     ] {
-        let llm = MockLlm::start(MockConfig::default()).await?;
-        let prefix = format!("benchoverhead{label}");
-        let names = Names::with_prefix(&prefix);
-        let chunks = tardis_tests::harness::fleet::publish_payloads(
-            &js,
-            &names,
-            "demo",
-            payloads.clone(),
-            100,
-        )
-        .await?;
-        let mut cmd = Command::new(bins::bin("enricher")?);
-        cmd.env_clear()
-            .env("NATS_URL", nats.url())
-            .env("TARDIS_PREFIX", &prefix)
-            .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
-            .env("PROCESSOR_ENDPOINT", llm.endpoint())
-            .env("ENRICH_BATCH_LINGER", "200ms")
-            .env("RUST_LOG", "warn");
-        if let Some(b) = batch {
-            cmd.env("LLM_BATCH_SIZE", b.to_string());
+        let (mut requests, mut prompt_chars, mut record_chars) = (0usize, 0usize, 0usize);
+        let (mut sent_tokens, mut floor_tokens) = (0usize, 0usize);
+        for group in payloads.chunks(batch) {
+            let pairs: Vec<(&str, &serde_json::value::RawValue)> = group
+                .iter()
+                .map(|(id, p)| (id.as_str(), p.as_ref()))
+                .collect();
+            let user = protocol::user_message(&pairs);
+            let body = protocol::request_body(
+                &settings.model,
+                &system,
+                &user,
+                settings.temperature,
+                settings.max_tokens_per_record * group.len() as u32 + 50,
+                settings.response_format,
+                &schema,
+            );
+            let answer = devtools::mock_llm::good_answer(&body);
+            let content = answer["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            let results = protocol::results(content).map_err(anyhow::Error::msg)?;
+            requests += 1;
+            prompt_chars += system.len() + user.len();
+            let own: usize = group.iter().map(|(_, p)| p.get().len()).sum();
+            record_chars += own;
+            sent_tokens += tokens(system.len() + user.len()) + tokens(content.len());
+            floor_tokens += group
+                .iter()
+                .map(|(_, p)| tokens(p.get().len()))
+                .sum::<usize>()
+                + results
+                    .iter()
+                    .map(|r| tokens(r.to_string().len()))
+                    .sum::<usize>();
         }
-        let enricher = Captured::spawn(cmd)?;
-        let started = tokio::time::Instant::now();
-        let mut stream = js.get_stream(names.stream(StreamKind::Enriched)).await?;
-        while stream.info().await?.state.messages < chunks {
-            if started.elapsed() > Duration::from_secs(600) {
-                bail!("not finished after 10 minutes:\n{}", enricher.output());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::task::spawn_blocking(move || enricher.terminate()).await??;
-        let stats = llm.mock.stats();
-        let n = |k: &str| stats[k].as_f64().unwrap_or(0.0);
-        let served = n("records_served").max(1.0);
-        let per_record = (n("prompt_tokens") + n("completion_tokens")) / served;
-        let floor = ((n("record_chars") + n("result_chars")) / 4.0) / served;
+        let per_record = sent_tokens as f64 / records as f64;
+        let floor = floor_tokens as f64 / records as f64;
         println!(
-            "{label:>7} {:>9} {:>16.2}x {:>14.1} {:>14.1} {:>7.2}x",
-            n("served"),
-            n("prompt_chars") / n("record_chars").max(1.0),
-            per_record,
-            floor,
-            per_record / floor.max(1e-9)
+            "{label:>7} {requests:>9} {:>14.3}x {per_record:>14.1} {floor:>13.1} {:>6.2}x",
+            prompt_chars as f64 / record_chars as f64,
+            per_record / floor
         );
     }
     Ok(())

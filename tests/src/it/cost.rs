@@ -15,7 +15,6 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use super::pipeline::fetch_once;
-use super::support::legacy_env;
 use super::writer::migrate;
 use crate::harness::{Captured, TestDb, TestNats, bins, free_port, http_get, wait_for};
 
@@ -91,8 +90,23 @@ fn llm_requests(llm: &MockLlm) -> u64 {
     llm.mock.stats()["requests"].as_u64().unwrap_or(0)
 }
 
+/// Every row's enrichment and when it was made, by record id.
+async fn enrichments(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(String, Value, DateTime<Utc>)>> {
+    Ok(client
+        .query(
+            "SELECT record_id, enrichment, enriched_at FROM records ORDER BY record_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 fn env_for(t: &TestNats, db: &TestDb, source_url: &str, llm: &MockLlm) -> BTreeMap<String, String> {
-    let mut env = legacy_env();
+    let mut env = super::operations::base_env(t, db, llm);
     env.insert(
         "DATA_SOURCES".into(),
         json!([{
@@ -103,12 +117,6 @@ fn env_for(t: &TestNats, db: &TestDb, source_url: &str, llm: &MockLlm) -> BTreeM
         .to_string(),
     );
     env.insert("CHUNK_SIZE".into(), "250".into());
-    env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
-    env.insert("NATS_URL".into(), t.url.clone());
-    env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
-    env.insert("DATABASE_URL".into(), db.url.clone());
-    env.insert("PGSSLMODE".into(), "disable".into());
-    env.insert("ENRICH_BATCH_LINGER".into(), "20ms".into());
     env
 }
 
@@ -154,15 +162,7 @@ async fn refetching_a_thousand_unchanged_records_makes_no_llm_call() -> Result<(
     .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
     let paid = llm_requests(&llm);
     assert!(paid > 0);
-    let before: Vec<(String, Value, DateTime<Utc>)> = client
-        .query(
-            "SELECT record_id, enrichment, enriched_at FROM records ORDER BY record_id",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let before = enrichments(&client).await?;
     assert_eq!(count("SELECT count(*) FROM records WHERE content_key IS NOT NULL AND NOT reused AND cost_usd > 0").await?, 1000);
 
     // The source re-saves every record: a new updated_at, a new view count (ignored), the
@@ -193,15 +193,7 @@ async fn refetching_a_thousand_unchanged_records_makes_no_llm_call() -> Result<(
         paid,
         "no LLM call for unchanged content"
     );
-    let after: Vec<(String, Value, DateTime<Utc>)> = client
-        .query(
-            "SELECT record_id, enrichment, enriched_at FROM records ORDER BY record_id",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let after = enrichments(&client).await?;
     assert_eq!(
         after, before,
         "enrichments and when they were made are kept"
@@ -243,12 +235,7 @@ async fn the_daily_budget_pauses_the_fleet_and_a_larger_one_resumes_it_without_l
     let t = TestNats::new().await?;
     let db = TestDb::new().await?;
     let llm = MockLlm::start(MockConfig::default()).await?;
-    let mut env = legacy_env();
-    env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
-    env.insert("NATS_URL".into(), t.url.clone());
-    env.insert("TARDIS_PREFIX".into(), t.prefix.clone());
-    env.insert("DATABASE_URL".into(), db.url.clone());
-    env.insert("PGSSLMODE".into(), "disable".into());
+    let mut env = super::operations::base_env(&t, &db, &llm);
     env.insert("LLM_BATCH_SIZE".into(), "10".into());
     env.insert("LLM_CONCURRENCY".into(), "1".into());
     env.insert("ENRICH_MAX_IN_FLIGHT".into(), "1".into());

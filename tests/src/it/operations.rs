@@ -14,7 +14,8 @@ use super::writer::migrate;
 use crate::harness::fleet::{publish_payloads, publish_records};
 use crate::harness::{Captured, TestDb, TestNats, bins, free_port, wait_for};
 
-fn base_env(t: &TestNats, db: &TestDb, llm: &MockLlm) -> BTreeMap<String, String> {
+/// The legacy configuration pointed at the test's NATS, Postgres and mock-llm.
+pub(super) fn base_env(t: &TestNats, db: &TestDb, llm: &MockLlm) -> BTreeMap<String, String> {
     let mut env = legacy_env();
     env.insert("PROCESSOR_ENDPOINT".into(), llm.endpoint());
     env.insert("NATS_URL".into(), t.url.clone());
@@ -35,12 +36,16 @@ fn spawn(name: &str, env: &BTreeMap<String, String>) -> Result<Captured> {
     Captured::spawn(cmd)
 }
 
-/// A writer day-2 command: exit code, stdout, stderr.
-async fn writer(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, String, String)> {
+/// A day-2 command of binary `bin`: exit code, stdout, stderr.
+async fn command(
+    bin: &'static str,
+    env: &BTreeMap<String, String>,
+    args: &[&str],
+) -> Result<(i32, String, String)> {
     let env = env.clone();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(bins::bin("writer")?)
+        Command::new(bins::bin(bin)?)
             .args(&args)
             .env_clear()
             .envs(&env)
@@ -53,6 +58,14 @@ async fn writer(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, S
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+async fn writer(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, String, String)> {
+    command("writer", env, args).await
+}
+
+async fn fetcher(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, String, String)> {
+    command("fetcher", env, args).await
 }
 
 async fn count(db: &TestDb, sql: &str) -> Result<i64> {
@@ -322,26 +335,6 @@ async fn commands_say_what_they_cannot_reach_and_never_print_a_secret() -> Resul
     assert_eq!(code, 1);
     assert!(err.contains("enrichment.<name> or payload.<name>"), "{err}");
     Ok(())
-}
-
-/// A fetcher day-2 command: exit code, stdout, stderr.
-async fn fetcher(env: &BTreeMap<String, String>, args: &[&str]) -> Result<(i32, String, String)> {
-    let env = env.clone();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bins::bin("fetcher")?)
-            .args(&args)
-            .env_clear()
-            .envs(&env)
-            .output()
-            .map_err(anyhow::Error::from)
-    })
-    .await??;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
 }
 
 #[tokio::test]

@@ -145,9 +145,17 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // Published, neither written nor (still) dead: on their way. A record written after a
+    // replay counts in `records_written` and its letter is no longer open.
     for s in sources.values_mut() {
         if let (Some(published), Some(written)) = (s.published_total, s.records_written) {
-            s.records_in_flight = Some((published as i64 - written).max(0));
+            let dead: i64 = s
+                .dead_letters_open
+                .iter()
+                .filter(|(stage, _)| stage.as_str() != "fetch")
+                .map(|(_, n)| n)
+                .sum();
+            s.records_in_flight = Some((published as i64 - written - dead).max(0));
         }
     }
     // Today (UTC): rows written today, what their enrichment cost, what reuse saved.
@@ -235,7 +243,10 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             format!(
                 "{} {} ({} records)",
                 r["outcome"].as_str().unwrap_or("?"),
-                r["finished_at"].as_str().map_or("?".into(), |t| cut(t, 19)),
+                r["finished_at"]
+                    .as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
                 r["records"]
             )
         });
