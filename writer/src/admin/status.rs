@@ -46,7 +46,6 @@ struct SourceStatus {
     last_run: Option<Value>,
     chunks_waiting_enrich: u64,
     chunks_waiting_write: u64,
-    records_in_flight: Option<i64>,
     dead_letters_open: BTreeMap<String, i64>,
 }
 
@@ -145,19 +144,6 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    // Published, neither written nor (still) dead: on their way. A record written after a
-    // replay counts in `records_written` and its letter is no longer open.
-    for s in sources.values_mut() {
-        if let (Some(published), Some(written)) = (s.published_total, s.records_written) {
-            let dead: i64 = s
-                .dead_letters_open
-                .iter()
-                .filter(|(stage, _)| stage.as_str() != "fetch")
-                .map(|(_, n)| n)
-                .sum();
-            s.records_in_flight = Some((published as i64 - written - dead).max(0));
-        }
-    }
     // Today (UTC): rows written today, what their enrichment cost, what reuse saved.
     let cost: Vec<Value> = pg
         .query(
@@ -235,7 +221,6 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         "WRITTEN THROUGH",
         "LAST RUN",
         "WAITING (ENRICH/WRITE CHUNKS)",
-        "IN FLIGHT",
         "DEAD LETTERS (OPEN)",
     ]);
     for s in sources.values() {
@@ -269,8 +254,6 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
                 .map_or("-".into(), describe_cursor),
             run,
             format!("{} / {}", s.chunks_waiting_enrich, s.chunks_waiting_write),
-            s.records_in_flight
-                .map_or("-".into(), |n| format!("{n} records")),
             dead,
         ]);
     }
