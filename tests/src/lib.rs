@@ -6,6 +6,7 @@
 //! server and one Postgres server, each test isolated by a name prefix and a fresh database.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod harness;
 
 #[cfg(test)]

@@ -171,8 +171,15 @@ pub struct Config {
     pub postgres: PostgresSettings,
     /// `WRITER_BATCH_MESSAGES`: messages per transaction at most, default 100.
     pub batch_messages: usize,
+    /// `WRITER_BATCH_BYTES`: bytes of messages per transaction at most, default 4 MiB (never
+    /// below the NATS server's `max_payload`).
+    pub batch_bytes: usize,
     /// `WRITER_BATCH_WAIT`: how long to gather a batch, default 200 ms.
     pub batch_wait: Duration,
+    /// `WRITER_CONCURRENCY`: batches of records written at once (loops, each with its own
+    /// connection and transaction), default 2: one batch is read and staged while another
+    /// commits, and the merge work is spread over Postgres's cores.
+    pub concurrency: usize,
     /// `WRITER_MAX_DELIVER`: deliveries before a message that cannot be written is dead-lettered, default 5.
     pub max_deliver: i64,
     /// `WRITER_ACK_WAIT`: how long a pulled message may go without an ack or an in-progress
@@ -218,7 +225,24 @@ impl Config {
             postgres.idle_in_transaction_timeout = Some(idle_timeout);
         }
         let batch_messages = r.positive_u32("WRITER_BATCH_MESSAGES", 100) as usize;
+        let batch_bytes = r.positive_u32("WRITER_BATCH_BYTES", 4 << 20) as usize;
         let batch_wait = r.duration("WRITER_BATCH_WAIT", Duration::from_millis(200));
+        let concurrency = r.positive_u32("WRITER_CONCURRENCY", 2) as usize;
+        // Every loop holds a connection while it writes; the dead-letter and run loops and the
+        // checkpoint exporter need theirs.
+        if command == Command::Run && concurrency + 3 > postgres.pool_size {
+            r.problem(
+                "WRITER_CONCURRENCY",
+                format!(
+                    "is {concurrency}, but DB_POOL_SIZE is {}: the writer needs a connection per record loop and 3 more",
+                    postgres.pool_size
+                ),
+                format!(
+                    "lower WRITER_CONCURRENCY or set DB_POOL_SIZE to at least {}",
+                    concurrency + 3
+                ),
+            );
+        }
         let max_deliver = i64::from(r.positive_u32("WRITER_MAX_DELIVER", 5));
         let ack_wait = r.duration("WRITER_ACK_WAIT", Duration::from_secs(15));
         let ordinal = r
@@ -247,7 +271,9 @@ impl Config {
             common,
             postgres,
             batch_messages,
+            batch_bytes,
             batch_wait,
+            concurrency,
             max_deliver,
             ack_wait,
             ordinal,

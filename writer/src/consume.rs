@@ -114,6 +114,9 @@ pub struct Loop {
     pub names: Names,
     pub metrics: WriterMetrics,
     pub batch_messages: usize,
+    /// At most this many bytes of messages per batch (never below the server's largest
+    /// message: a pull for fewer bytes than the next message would never get it).
+    pub batch_bytes: usize,
     pub batch_wait: Duration,
     pub max_deliver: i64,
     /// The consumer's ack wait: a batch being written gets `+WPI` every third of it.
@@ -126,7 +129,9 @@ pub struct Loop {
 
 impl Loop {
     pub async fn run(self, shutdown: CancellationToken) {
-        info!(consumer = self.kind.label(), "consuming");
+        let max_payload = self.js.client().server_info().max_payload;
+        let batch_bytes = self.batch_bytes.max(max_payload + 65_536);
+        info!(consumer = self.kind.label(), batch_bytes, "consuming");
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -141,6 +146,7 @@ impl Loop {
                 .consumer
                 .fetch()
                 .max_messages(self.batch_messages)
+                .max_bytes(batch_bytes)
                 .expires(self.batch_wait.max(Duration::from_millis(50)))
                 .messages()
                 .await;
@@ -319,11 +325,11 @@ impl Loop {
         let tx = client.transaction().await.map_err(classify)?;
         match self.kind {
             Kind::Records => {
-                let chunks: Vec<EnrichedChunk> = batch
+                let chunks: Vec<&EnrichedChunk> = batch
                     .iter()
                     .filter_map(|(_, d)| {
                         if let Decoded::Chunk(c) = d {
-                            Some(c.clone())
+                            Some(c)
                         } else {
                             None
                         }
@@ -339,10 +345,8 @@ impl Loop {
                     .map_err(classify)?;
                 // The chunk's dead records, in the same transaction: each record of a chunk
                 // lands in exactly one of the two tables, together.
-                let letters: Vec<DeadLetter> = chunks
-                    .iter()
-                    .flat_map(EnrichedChunk::dead_letters)
-                    .collect();
+                let letters: Vec<DeadLetter> =
+                    chunks.iter().flat_map(|c| c.dead_letters()).collect();
                 let dead = if letters.is_empty() {
                     0
                 } else {

@@ -7,13 +7,16 @@
 //!   checkpoint advance together); a failed transaction naks the batch.
 //! * Idempotent: upserts keyed by `(source, record_id)` that only a newer version changes; a
 //!   replay of a committed batch writes nothing.
-//! * Unit of atomicity: one batch of up to `WRITER_BATCH_MESSAGES` messages.
+//! * Unit of atomicity: one batch of up to `WRITER_BATCH_MESSAGES` messages and
+//!   `WRITER_BATCH_BYTES` bytes; `WRITER_CONCURRENCY` batches are written at once, each in its
+//!   own transaction.
 //! * While a batch is written its messages get `+WPI` every third of `WRITER_ACK_WAIT`, so a
 //!   slow commit is never redelivered; a crashed writer's messages go to another after the ack
 //!   wait (15 s), and a redelivered message is logged with its delivery number.
 //!
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
-//! * [`store`]: the SQL (UNNEST upserts, newest version wins, monotonic checkpoint);
+//! * [`store`]: the SQL (binary `COPY` into a staging table and one merge per batch, newest
+//!   version wins, monotonic checkpoint);
 //! * [`consume`]: the batch loops, failure handling, dead letters.
 #![forbid(unsafe_code)]
 
@@ -176,15 +179,33 @@ async fn run_inner(
     );
     // The schema must be the one this build knows; wait for Postgres if it is not up yet.
     match connect_with_retry(&pool, &config, &shutdown).await {
-        Ok(client) => match migrate::check(&client).await? {
-            migrate::SchemaStatus::Current => {}
-            migrate::SchemaStatus::AheadAdditive { found, unknown } => tracing::warn!(
-                found,
-                known = migrate::latest(),
-                newer = %unknown.join(", "),
-                "the schema is newer than this writer, by additive migrations only: running (upgrade the writer when you can)"
-            ),
-        },
+        Ok(client) => {
+            match migrate::check(&client).await? {
+                migrate::SchemaStatus::Current => {}
+                migrate::SchemaStatus::AheadAdditive { found, unknown } => tracing::warn!(
+                    found,
+                    known = migrate::latest(),
+                    newer = %unknown.join(", "),
+                    "the schema is newer than this writer, by additive migrations only: running (upgrade the writer when you can)"
+                ),
+            }
+            // Records are staged in a temporary table (`store`): without the privilege every
+            // batch would fail, so say so now.
+            let temp: bool = client
+                .query_one(
+                    "SELECT has_database_privilege(current_database(), 'TEMPORARY')",
+                    &[],
+                )
+                .await
+                .context("checking the TEMPORARY privilege")?
+                .get(0);
+            if !temp {
+                anyhow::bail!(
+                    "the writer's database user may not create temporary tables, which the writer stages records in: \
+                     GRANT TEMPORARY ON DATABASE <db> TO <user> (`writer migrate` with TARDIS_DB_ROLES=true grants it to tardis_writer)"
+                );
+            }
+        }
         Err(_) if shutdown.is_cancelled() => {
             ops.stop().await;
             return Ok(ExitCode::SUCCESS);
@@ -224,10 +245,14 @@ async fn run_inner(
         .context("provisioning JetStream")?;
     info!(postgres = %config.postgres.display_target(), ordinal = config.ordinal, "writer ready");
     let mut loops = JoinSet::new();
-    for (kind, consumer_kind) in [
-        (consume::Kind::Records, ConsumerKind::Writer),
-        (consume::Kind::DeadLetters, ConsumerKind::WriterDlq),
-        (consume::Kind::Runs, ConsumerKind::WriterRuns),
+    for (kind, consumer_kind, copies) in [
+        (
+            consume::Kind::Records,
+            ConsumerKind::Writer,
+            config.concurrency,
+        ),
+        (consume::Kind::DeadLetters, ConsumerKind::WriterDlq, 1),
+        (consume::Kind::Runs, ConsumerKind::WriterRuns, 1),
     ] {
         let consumer = js
             .get_stream(names.stream(consumer_kind.stream()))
@@ -238,22 +263,25 @@ async fn run_inner(
             .map_err(|e| {
                 anyhow::anyhow!("opening consumer {}: {e}", names.consumer(consumer_kind))
             })?;
-        let l = consume::Loop {
-            kind,
-            consumer,
-            pool: pool.clone(),
-            js: js.clone(),
-            names: names.clone(),
-            metrics: metrics.clone(),
-            batch_messages: config.batch_messages,
-            batch_wait: config.batch_wait,
-            max_deliver: config.max_deliver,
-            ack_wait: config.ack_wait,
-            pg_ready: pg_ready.clone(),
-            crash_after_commit: config.crash_after_commit,
-            faults: faults.clone(),
-        };
-        loops.spawn(l.run(shutdown.clone()).in_current_span());
+        for _ in 0..copies {
+            let l = consume::Loop {
+                kind,
+                consumer: consumer.clone(),
+                pool: pool.clone(),
+                js: js.clone(),
+                names: names.clone(),
+                metrics: metrics.clone(),
+                batch_messages: config.batch_messages,
+                batch_bytes: config.batch_bytes,
+                batch_wait: config.batch_wait,
+                max_deliver: config.max_deliver,
+                ack_wait: config.ack_wait,
+                pg_ready: pg_ready.clone(),
+                crash_after_commit: config.crash_after_commit,
+                faults: faults.clone(),
+            };
+            loops.spawn(l.run(shutdown.clone()).in_current_span());
+        }
     }
     while let Some(r) = loops.join_next().await {
         r.context("a writer loop panicked")?;

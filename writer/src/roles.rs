@@ -33,6 +33,8 @@ pub const ROLES: &[Role] = &[
         grants: &[
             "GRANT SELECT ON tardis_schema_migrations TO tardis_writer",
             "GRANT SELECT, INSERT, UPDATE ON records, source_checkpoints, dead_letters, fetch_runs TO tardis_writer",
+            // Records are staged in a temporary table; PUBLIC has this unless it was revoked.
+            "DO $$ BEGIN EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO tardis_writer', current_database()); END $$",
         ],
     },
     Role {
@@ -136,7 +138,12 @@ mod tests {
     fn every_grant_names_its_own_role() {
         for role in ROLES {
             for grant in role.grants {
-                assert!(grant.ends_with(&format!(" TO {}", role.name)), "{grant}");
+                let to = format!(" TO {}", role.name);
+                assert!(
+                    grant.ends_with(&to)
+                        || grant.ends_with(&format!("{to}', current_database()); END $$")),
+                    "{grant}"
+                );
                 assert!(
                     !grant.contains("DELETE") && !grant.contains("TRUNCATE"),
                     "{grant}"

@@ -1,6 +1,6 @@
-//! The SQL of the writer: bulk upserts with UNNEST (one statement per table per batch),
-//! newest version wins, checkpoint advanced monotonically — all inside the caller's
-//! transaction.
+//! The SQL of the writer: records staged with a binary `COPY` into a temporary table and
+//! merged into `records` with one `INSERT … SELECT … ON CONFLICT` per batch (newest version
+//! wins), checkpoint advanced monotonically — all inside the caller's transaction.
 //!
 //! Versions of a record are ordered by `(updated_at, fetched_at)`: a newer one replaces the
 //! row only when its content or its `updated_at` differs, so a replay, or the same record
@@ -10,46 +10,58 @@
 //! from `jsonb`, and the same `updated_at`) enriched again replaces the row when the new
 //! enrichment is newer and differs (a new prompt version or model, a re-enrichment), never
 //! with a reused one.
+//!
+//! Why staging: a binary `COPY` is the cheapest way into Postgres (no per-row statement, no
+//! text arrays to parse), and the merge from a temporary table costs the conflict check and
+//! the index updates only, which a `COPY` into `records` would pay too. The staging table is
+//! `pg_temp.tardis_records_stage`, created on a connection's first batch (`IF NOT EXISTS`, in
+//! the batch's own transaction, so it works behind a transaction-pooling proxy as well) and
+//! emptied at every commit (`ON COMMIT DELETE ROWS`): it is never shared, never logged, and a
+//! rolled-back batch leaves nothing in it. The writer needs the `TEMPORARY` privilege on the
+//! database (PUBLIC has it unless revoked; `writer migrate` with `TARDIS_DB_ROLES` grants it).
 
 use std::collections::HashMap;
+use std::error::Error;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
-use tardis_common::messages::{Cursor, DeadLetter, EnrichedChunk, FetchRun};
+use tardis_common::messages::{Cursor, DeadLetter, EnrichedChunk, EnrichedRecord, FetchRun};
 use tokio_postgres::Transaction;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-/// One row of `records`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordRow {
-    pub source: String,
-    pub record_id: String,
-    pub payload: String,
-    pub enrichment: serde_json::Value,
-    pub model: String,
-    pub prompt_version: String,
+/// One row of `records`, borrowed from the chunk that brought it.
+#[derive(Debug, Clone)]
+pub struct RecordRow<'a> {
+    pub chunk: &'a EnrichedChunk,
+    pub record: &'a EnrichedRecord,
     pub content_hash: String,
-    pub updated_at: Option<DateTime<Utc>>,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cost_usd: f64,
-    pub fetched_at: DateTime<Utc>,
-    pub enriched_at: DateTime<Utc>,
-    pub content_key: Option<String>,
-    pub reused: bool,
-    pub saved_usd: f64,
 }
 
-impl RecordRow {
+impl RecordRow<'_> {
+    pub fn source(&self) -> &str {
+        &self.chunk.source
+    }
+
+    pub fn record_id(&self) -> &str {
+        &self.record.id
+    }
+
+    pub fn payload(&self) -> &str {
+        self.record.payload.get()
+    }
+
     /// The order of versions: the source's `updated_at`, then when it was fetched (so for a
     /// source without `updated_at`, or one that changed a record without moving it, the
     /// version fetched last wins), then the hash (only to break exact ties deterministically),
     /// then the enrichment made last.
     fn version(&self) -> (Option<DateTime<Utc>>, DateTime<Utc>, &str, DateTime<Utc>) {
         (
-            self.updated_at,
-            self.fetched_at,
+            self.record.updated_at,
+            self.chunk.fetched_at,
             &self.content_hash,
-            self.enriched_at,
+            self.record.enriched_at,
         )
     }
 }
@@ -59,41 +71,47 @@ pub fn content_hash(payload: &str) -> String {
     hex::encode(&Sha256::digest(payload.as_bytes())[..16])
 }
 
-/// The rows of `chunks`, one per `(source, record_id)`: the newest by [`RecordRow::version`].
-pub fn rows(chunks: &[EnrichedChunk]) -> Vec<RecordRow> {
-    let mut by_key: HashMap<(String, String), RecordRow> = HashMap::new();
-    for c in chunks {
+/// The rows of `chunks`, one per `(source, record_id)`: the newest by [`RecordRow::version`],
+/// sorted by key (so concurrent batches lock rows in the same order).
+pub fn rows<'a>(chunks: &[&'a EnrichedChunk]) -> Vec<RecordRow<'a>> {
+    let mut by_key: HashMap<(&'a str, &'a str), RecordRow<'a>> = HashMap::new();
+    for &c in chunks {
         for r in &c.records {
             let row = RecordRow {
-                source: c.source.clone(),
-                record_id: r.id.clone(),
-                payload: r.payload.get().to_string(),
-                enrichment: r.enrichment.clone(),
-                model: r.model.clone(),
-                prompt_version: r.prompt_version.clone(),
+                chunk: c,
+                record: r,
                 content_hash: content_hash(r.payload.get()),
-                updated_at: r.updated_at,
-                prompt_tokens: r.usage.prompt_tokens as i64,
-                completion_tokens: r.usage.completion_tokens as i64,
-                cost_usd: r.usage.cost_usd,
-                fetched_at: c.fetched_at,
-                enriched_at: r.enriched_at,
-                content_key: r.content_key.clone(),
-                reused: r.reused,
-                saved_usd: r.saved_usd,
             };
-            let key = (row.source.clone(), row.record_id.clone());
-            match by_key.get(&key) {
+            match by_key.get(&(c.source.as_str(), r.id.as_str())) {
                 Some(existing) if existing.version() >= row.version() => {}
                 _ => {
-                    by_key.insert(key, row);
+                    by_key.insert((c.source.as_str(), r.id.as_str()), row);
                 }
             }
         }
     }
-    let mut rows: Vec<RecordRow> = by_key.into_values().collect();
-    rows.sort_by(|a, b| (&a.source, &a.record_id).cmp(&(&b.source, &b.record_id)));
+    let mut rows: Vec<RecordRow<'a>> = by_key.into_values().collect();
+    rows.sort_by(|a, b| (a.source(), a.record_id()).cmp(&(b.source(), b.record_id())));
     rows
+}
+
+/// JSON text sent as `jsonb` without parsing it here: the binary `jsonb` format is a version
+/// byte (1) and the text; Postgres parses and validates it.
+#[derive(Debug)]
+struct RawJsonb<'a>(&'a str);
+
+impl ToSql for RawJsonb<'_> {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        out.put_u8(1);
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
 }
 
 /// The sort key of a cursor: `(updated_at, id)` with numeric ids zero-padded so text order
@@ -113,7 +131,9 @@ pub fn cursor_key(cursor: &Cursor, fetched_at: DateTime<Utc>) -> (DateTime<Utc>,
 }
 
 /// Per source: the latest cursor among `chunks`.
-pub fn checkpoints(chunks: &[EnrichedChunk]) -> HashMap<String, (Cursor, (DateTime<Utc>, String))> {
+pub fn checkpoints(
+    chunks: &[&EnrichedChunk],
+) -> HashMap<String, (Cursor, (DateTime<Utc>, String))> {
     let mut out: HashMap<String, (Cursor, (DateTime<Utc>, String))> = HashMap::new();
     for c in chunks {
         let Some(cursor) = &c.cursor_after else {
@@ -130,68 +150,134 @@ pub fn checkpoints(chunks: &[EnrichedChunk]) -> HashMap<String, (Cursor, (DateTi
     out
 }
 
+/// The staging table's columns, in `COPY` order, with their types.
+const STAGE_COLUMNS: [(&str, Type); 16] = [
+    ("source", Type::TEXT),
+    ("record_id", Type::TEXT),
+    ("payload", Type::JSONB),
+    ("enrichment", Type::JSONB),
+    ("model", Type::TEXT),
+    ("prompt_version", Type::TEXT),
+    ("content_hash", Type::TEXT),
+    ("source_updated_at", Type::TIMESTAMPTZ),
+    ("prompt_tokens", Type::INT8),
+    ("completion_tokens", Type::INT8),
+    ("cost_usd", Type::FLOAT8),
+    ("fetched_at", Type::TIMESTAMPTZ),
+    ("enriched_at", Type::TIMESTAMPTZ),
+    ("content_key", Type::TEXT),
+    ("reused", Type::BOOL),
+    ("saved_usd", Type::FLOAT8),
+];
+
+/// Creates the connection's staging table if this session has none yet (no notice when it
+/// has: the check is silenced for this transaction only).
+const CREATE_STAGE: &str = "SET LOCAL client_min_messages = warning;
+    CREATE TEMP TABLE IF NOT EXISTS tardis_records_stage (
+        source text NOT NULL, record_id text NOT NULL, payload jsonb NOT NULL,
+        enrichment jsonb NOT NULL, model text NOT NULL, prompt_version text NOT NULL,
+        content_hash text NOT NULL, source_updated_at timestamptz, prompt_tokens int8 NOT NULL,
+        completion_tokens int8 NOT NULL, cost_usd float8 NOT NULL, fetched_at timestamptz NOT NULL,
+        enriched_at timestamptz NOT NULL, content_key text, reused bool NOT NULL,
+        saved_usd float8 NOT NULL
+    ) ON COMMIT DELETE ROWS";
+
+/// The merge: the staged rows into `records`, newest version wins; the rows changed, per
+/// source. The rows were staged in key order and a fresh temporary table is read back in the
+/// order it was written, so concurrent batches lock rows in the same order without an
+/// `ORDER BY` (whose sort of wide rows spills to disk and costs a tenth of the merge); were
+/// two batches ever to deadlock, Postgres aborts one (40P01) and it is retried.
+const MERGE: &str = "WITH written AS (
+    INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
+        source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at,
+        content_key, reused, saved_usd)
+    SELECT source, record_id, payload, enrichment, model, prompt_version, content_hash,
+        source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, now(),
+        content_key, reused, saved_usd
+    FROM tardis_records_stage
+    ON CONFLICT (source, record_id) DO UPDATE SET
+       payload = EXCLUDED.payload, enrichment = EXCLUDED.enrichment, model = EXCLUDED.model,
+       prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
+       source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
+       completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
+       fetched_at = GREATEST(r.fetched_at, EXCLUDED.fetched_at), enriched_at = EXCLUDED.enriched_at, written_at = now(),
+       content_key = EXCLUDED.content_key, reused = EXCLUDED.reused, saved_usd = EXCLUDED.saved_usd
+    WHERE ((coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
+            > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
+          AND (EXCLUDED.content_hash <> r.content_hash
+            OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at))
+       OR ((EXCLUDED.content_hash = r.content_hash OR EXCLUDED.payload = r.payload)
+          AND EXCLUDED.source_updated_at IS NOT DISTINCT FROM r.source_updated_at
+          AND NOT EXCLUDED.reused
+          AND EXCLUDED.enriched_at > r.enriched_at
+          AND (EXCLUDED.enrichment IS DISTINCT FROM r.enrichment
+            OR EXCLUDED.prompt_version IS DISTINCT FROM r.prompt_version
+            OR EXCLUDED.model IS DISTINCT FROM r.model))
+    RETURNING source)
+    SELECT source, count(*) FROM written GROUP BY source";
+
+/// Stages `rows` with a binary `COPY` and merges them into `records`; returns rows changed
+/// per source.
+async fn merge_records(
+    tx: &Transaction<'_>,
+    rows: &[RecordRow<'_>],
+) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
+    tx.batch_execute(CREATE_STAGE).await?;
+    let columns: Vec<&str> = STAGE_COLUMNS.iter().map(|(c, _)| *c).collect();
+    let types: Vec<Type> = STAGE_COLUMNS.iter().map(|(_, t)| t.clone()).collect();
+    let sink = tx
+        .copy_in(&format!(
+            "COPY tardis_records_stage ({}) FROM STDIN BINARY",
+            columns.join(", ")
+        ))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures_util::pin_mut!(writer);
+    for row in rows {
+        let (c, r) = (row.chunk, row.record);
+        let (pt, ct) = (
+            r.usage.prompt_tokens as i64,
+            r.usage.completion_tokens as i64,
+        );
+        let values: [&(dyn ToSql + Sync); 16] = [
+            &c.source,
+            &r.id,
+            &RawJsonb(r.payload.get()),
+            &r.enrichment,
+            &r.model,
+            &r.prompt_version,
+            &row.content_hash,
+            &r.updated_at,
+            &pt,
+            &ct,
+            &r.usage.cost_usd,
+            &c.fetched_at,
+            &r.enriched_at,
+            &r.content_key,
+            &r.reused,
+            &r.saved_usd,
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    let mut changed = HashMap::new();
+    for row in tx.query(MERGE, &[]).await? {
+        *changed.entry(row.get::<_, String>(0)).or_default() += row.get::<_, i64>(1) as u64;
+    }
+    Ok(changed)
+}
+
 /// Upserts `rows` and advances the checkpoints; returns rows changed per source.
 pub async fn write_records(
     tx: &Transaction<'_>,
-    rows: &[RecordRow],
+    rows: &[RecordRow<'_>],
     cursors: &HashMap<String, (Cursor, (DateTime<Utc>, String))>,
     sources: &[String],
 ) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
     let mut changed: HashMap<String, u64> = sources.iter().map(|s| (s.clone(), 0)).collect();
     if !rows.is_empty() {
-        let col = |f: fn(&RecordRow) -> String| rows.iter().map(f).collect::<Vec<String>>();
-        let sources_col = col(|r| r.source.clone());
-        let ids = col(|r| r.record_id.clone());
-        let payloads = col(|r| r.payload.clone());
-        let enrichments: Vec<serde_json::Value> =
-            rows.iter().map(|r| r.enrichment.clone()).collect();
-        let models = col(|r| r.model.clone());
-        let versions = col(|r| r.prompt_version.clone());
-        let hashes = col(|r| r.content_hash.clone());
-        let updated: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.updated_at).collect();
-        let pt: Vec<i64> = rows.iter().map(|r| r.prompt_tokens).collect();
-        let ct: Vec<i64> = rows.iter().map(|r| r.completion_tokens).collect();
-        let cost: Vec<f64> = rows.iter().map(|r| r.cost_usd).collect();
-        let fetched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.fetched_at).collect();
-        let enriched: Vec<DateTime<Utc>> = rows.iter().map(|r| r.enriched_at).collect();
-        let keys: Vec<Option<String>> = rows.iter().map(|r| r.content_key.clone()).collect();
-        let reused: Vec<bool> = rows.iter().map(|r| r.reused).collect();
-        let saved: Vec<f64> = rows.iter().map(|r| r.saved_usd).collect();
-        let written = tx
-            .query(
-                "WITH written AS (INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
-                    source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at,
-                    content_key, reused, saved_usd)
-                 SELECT s, i, p::jsonb, e, m, pv, h, u, pt, ct, c, f, en, now(), k, ru, sv
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::text[],
-                             $8::timestamptz[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
-                             $14::text[], $15::bool[], $16::float8[])
-                      AS t(s, i, p, e, m, pv, h, u, pt, ct, c, f, en, k, ru, sv)
-                 ON CONFLICT (source, record_id) DO UPDATE SET
-                    payload = EXCLUDED.payload, enrichment = EXCLUDED.enrichment, model = EXCLUDED.model,
-                    prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
-                    source_updated_at = EXCLUDED.source_updated_at, prompt_tokens = EXCLUDED.prompt_tokens,
-                    completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd,
-                    fetched_at = GREATEST(r.fetched_at, EXCLUDED.fetched_at), enriched_at = EXCLUDED.enriched_at, written_at = now(),
-                    content_key = EXCLUDED.content_key, reused = EXCLUDED.reused, saved_usd = EXCLUDED.saved_usd
-                 WHERE ((coalesce(EXCLUDED.source_updated_at, '-infinity'), EXCLUDED.fetched_at)
-                         > (coalesce(r.source_updated_at, '-infinity'), r.fetched_at)
-                       AND (EXCLUDED.content_hash <> r.content_hash
-                         OR EXCLUDED.source_updated_at IS DISTINCT FROM r.source_updated_at))
-                    OR ((EXCLUDED.content_hash = r.content_hash OR EXCLUDED.payload = r.payload)
-                       AND EXCLUDED.source_updated_at IS NOT DISTINCT FROM r.source_updated_at
-                       AND NOT EXCLUDED.reused
-                       AND EXCLUDED.enriched_at > r.enriched_at
-                       AND (EXCLUDED.enrichment IS DISTINCT FROM r.enrichment
-                         OR EXCLUDED.prompt_version IS DISTINCT FROM r.prompt_version
-                         OR EXCLUDED.model IS DISTINCT FROM r.model))
-                 RETURNING source)
-                 SELECT source, count(*) FROM written GROUP BY source",
-                &[&sources_col, &ids, &payloads, &enrichments, &models, &versions, &hashes, &updated, &pt, &ct, &cost, &fetched, &enriched, &keys, &reused, &saved],
-            )
-            .await?;
-        for row in written {
-            *changed.entry(row.get::<_, String>(0)).or_default() += row.get::<_, i64>(1) as u64;
+        for (source, n) in merge_records(tx, rows).await? {
+            *changed.entry(source).or_default() += n;
         }
     }
     for source in sources {
@@ -290,7 +376,7 @@ pub const REPLAY_RUN_PREFIX: &str = "replay-";
 /// Ordinary chunks cost nothing here.
 pub async fn resolve_replayed(
     tx: &Transaction<'_>,
-    chunks: &[EnrichedChunk],
+    chunks: &[&EnrichedChunk],
 ) -> Result<u64, tokio_postgres::Error> {
     let (sources, ids): (Vec<String>, Vec<String>) = chunks
         .iter()
@@ -464,11 +550,11 @@ mod tests {
         for (old, new) in [("a", "b"), ("b", "a"), ("zzz", "000")] {
             let later = outcome(&[new], t0 + chrono::Duration::seconds(1));
             let earlier = outcome(&[old], t0);
-            for order in [vec![earlier.clone(), later.clone()], vec![later, earlier]] {
+            for order in [vec![&earlier, &later], vec![&later, &earlier]] {
                 let rows = rows(&order);
                 assert_eq!(rows.len(), 1);
                 assert!(
-                    rows[0].payload.contains(new),
+                    rows[0].payload().contains(new),
                     "{old} -> {new}: {:?}",
                     rows[0]
                 );

@@ -12,140 +12,30 @@
 //! may take. Each process's peak RSS is the kernel's high-water mark (`VmHWM` in
 //! `/proc/<pid>/status`), read every 50 ms until it exits.
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use anyhow::{Context, Result};
+use tardis_tests::bench::{PipelineRun, conditions};
+use tardis_tests::harness::NatsServer;
 
-use tokio::time::Instant;
-
-use anyhow::{Context, Result, bail};
-use devtools::demo_source::{DemoConfig, Running as DemoSource};
-use devtools::mock_llm::{MockConfig, Running as MockLlm};
-use tardis_tests::harness::{NatsServer, TestDb, bins, free_port};
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -> Result<Child> {
-    Ok(Command::new(bins::bin(name)?)
-        .args(args)
-        .env_clear()
-        .envs(env)
-        .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
-}
-
-async fn rows(db: &TestDb) -> Result<i64> {
-    Ok(db
-        .connect()
-        .await?
-        .query_one("SELECT count(*) FROM records", &[])
-        .await?
-        .get(0))
-}
-
-/// One run; returns the peak RSS in KiB of (fetcher, enrichers (max of two), writer).
+/// One run; returns the peak RSS in KiB of (fetcher, enrichers (max of two), writer) and the
+/// seconds it took.
 async fn run(
     nats: &NatsServer,
     per_source: u64,
     chunk_size: u64,
     in_flight: u64,
 ) -> Result<(u64, u64, u64, f64)> {
-    let db = TestDb::new().await?;
-    let demo = DemoSource::start(DemoConfig {
-        backlog: per_source,
-        rate: (per_source as f64 / 3600.0).max(1.0),
-        frozen: true,
-        ..DemoConfig::default()
-    })
+    let r = PipelineRun {
+        per_source,
+        chunk_size,
+        in_flight,
+        enrichers: 2,
+        llm_latency_ms: 50,
+        writer_after_fetcher: true,
+        extra_env: vec![],
+    }
+    .run(nats)
     .await?;
-    let llm = MockLlm::start(MockConfig {
-        latency_ms: 50,
-        ..MockConfig::default()
-    })
-    .await?;
-    let sources = serde_json::json!([
-        {"name": "market_data", "url": demo.url("/v2/market/quotes"), "auth_type": "bearer", "initial_lookback": "2h", "max_pages": 100000},
-        {"name": "user_events", "url": demo.url("/v2/events"), "auth_type": "api_key", "initial_lookback": "2h", "max_pages": 100000}
-    ]);
-    let env: BTreeMap<String, String> = [
-        ("NATS_URL", nats.url()),
-        ("TARDIS_PREFIX", format!("mem{chunk_size}x{in_flight}")),
-        ("DATABASE_URL", db.url.clone()),
-        ("PGSSLMODE", "disable".into()),
-        ("DATA_SOURCES", sources.to_string()),
-        ("DATA_API_KEY", "your-data-source-api-key".into()),
-        ("HOLYSHEEP_API_KEY", "mock-llm-key".into()),
-        ("PROCESSOR_ENDPOINT", llm.endpoint()),
-        ("CHUNK_SIZE", chunk_size.to_string()),
-        ("ENRICH_MAX_IN_FLIGHT", in_flight.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let migrate = Command::new(bins::bin("writer")?)
-        .arg("migrate")
-        .env_clear()
-        .envs(&env)
-        .output()?;
-    if !migrate.status.success() {
-        bail!(
-            "writer migrate: {}",
-            String::from_utf8_lossy(&migrate.stderr)
-        );
-    }
-    let started = Instant::now();
-    let enrichers = [spawn("enricher", &[], &env)?, spawn("enricher", &[], &env)?];
-    let mut fetcher = spawn("fetcher", &["run"], &env)?;
-    // The writer starts once the fetcher has published everything: the backlog is queued.
-    let mut peaks = [0u64; 4];
-    let mut writer: Option<Child> = None;
-    let total = i64::try_from(2 * per_source)?;
-    loop {
-        let mut pids = vec![fetcher.id(), enrichers[0].id(), enrichers[1].id()];
-        if let Some(w) = &writer {
-            pids.push(w.id());
-        }
-        for (i, pid) in pids.iter().enumerate() {
-            if let Some(kib) = peak_rss_kib(*pid) {
-                peaks[i] = peaks[i].max(kib);
-            }
-        }
-        if writer.is_none() && fetcher.try_wait()?.is_some() {
-            writer = Some(spawn("writer", &[], &env)?);
-        }
-        if writer.is_some() && rows(&db).await? >= total {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(900) {
-            bail!("{} of {total} rows after 15 minutes", rows(&db).await?);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let status = fetcher.wait()?;
-    if !status.success() {
-        bail!("fetcher run: {status}");
-    }
-    for mut c in enrichers.into_iter().chain(writer) {
-        // Already gone is fine: only its exit is awaited.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(c.id())?),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .ok();
-        c.wait()?;
-    }
-    Ok((peaks[0], peaks[1].max(peaks[2]), peaks[3], secs))
+    Ok((r.fetcher_kib, r.enricher_kib, r.writer_kib, r.seconds))
 }
 
 #[tokio::main]
@@ -156,6 +46,7 @@ async fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(20_000);
     let nats = NatsServer::start().await?;
+    println!("{}", conditions());
     println!(
         "{:>10} {:>7} {:>10} {:>8} {:>12} {:>13} {:>11}",
         "records", "chunk", "in flight", "seconds", "fetcher MiB", "enricher MiB", "writer MiB"
