@@ -51,7 +51,8 @@ pub enum DecodeError {
     },
 }
 
-/// Decodes an envelope, checking `schema_version` before the body.
+/// Decodes an envelope of a version this build reads; for anything else, says why from its
+/// `schema_version` (missing, newer, older) or its JSON.
 pub fn decode<T: Envelope>(bytes: &[u8]) -> Result<T, DecodeError> {
     // The common case in one pass: a message of a version this build reads. Anything else
     // is read again by the probe below, which says why it cannot be taken.

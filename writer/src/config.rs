@@ -228,18 +228,18 @@ impl Config {
         let batch_bytes = r.positive_u32("WRITER_BATCH_BYTES", 4 << 20) as usize;
         let batch_wait = r.duration("WRITER_BATCH_WAIT", Duration::from_millis(200));
         let concurrency = r.positive_u32("WRITER_CONCURRENCY", 2) as usize;
-        // Every loop holds a connection while it writes; the dead-letter and run loops and the
-        // checkpoint exporter need theirs.
-        if command == Command::Run && concurrency + 3 > postgres.pool_size {
+        // Every loop holds a connection while it writes; the dead-letter and run loops, the
+        // checkpoint exporter and the reachability watcher need theirs.
+        if command == Command::Run && concurrency + 4 > postgres.pool_size {
             r.problem(
                 "WRITER_CONCURRENCY",
                 format!(
-                    "is {concurrency}, but DB_POOL_SIZE is {}: the writer needs a connection per record loop and 3 more",
+                    "is {concurrency}, but DB_POOL_SIZE is {}: the writer needs a connection per record loop and 4 more",
                     postgres.pool_size
                 ),
                 format!(
                     "lower WRITER_CONCURRENCY or set DB_POOL_SIZE to at least {}",
-                    concurrency + 3
+                    concurrency + 4
                 ),
             );
         }

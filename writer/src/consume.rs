@@ -161,17 +161,26 @@ impl Loop {
                 }
             };
             let mut msgs = Vec::new();
+            let mut ended_by_error = false;
             while let Some(m) = stream.next().await {
                 match m {
                     Ok(m) => msgs.push(m),
                     Err(error) => {
                         debug!(%error, "pull batch ended");
+                        ended_by_error = true;
                         break;
                     }
                 }
             }
             if !msgs.is_empty() {
                 self.handle(msgs).await;
+            } else if ended_by_error {
+                // A pull the server keeps refusing (e.g. a message over the batch's bytes)
+                // must not spin.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = shutdown.cancelled() => return,
+                }
             }
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! | role | may | for |
 //! |---|---|---|
-//! | `tardis_writer` | read the schema version; SELECT, INSERT, UPDATE on the four tables | the writer (no DDL, no DELETE, no TRUNCATE) |
+//! | `tardis_writer` | read the schema version; SELECT, INSERT, UPDATE on the four tables; TEMPORARY on the database (its staging table) | the writer (no DDL on the schema, no DELETE, no TRUNCATE) |
 //! | `tardis_fetcher` | SELECT on `source_checkpoints`; on `records`, the columns of a stored enrichment (not the payload) | the fetcher's checkpoint fallback and in-flight gauge; reusing enrichments of unchanged content |
 //! | `tardis_reader` | SELECT on the four tables | dashboards, analysts, `psql` |
 //!

@@ -14,10 +14,12 @@
 //! Why staging: a binary `COPY` is the cheapest way into Postgres (no per-row statement, no
 //! text arrays to parse), and the merge from a temporary table costs the conflict check and
 //! the index updates only, which a `COPY` into `records` would pay too. The staging table is
-//! `pg_temp.tardis_records_stage`, created on a connection's first batch (`IF NOT EXISTS`, in
-//! the batch's own transaction, so it works behind a transaction-pooling proxy as well) and
-//! emptied at every commit (`ON COMMIT DELETE ROWS`): it is never shared, never logged, and a
-//! rolled-back batch leaves nothing in it. The writer needs the `TEMPORARY` privilege on the
+//! `pg_temp.tardis_records_stage_v1`, created on a connection's first batch (`IF NOT EXISTS`,
+//! in the batch's own transaction, so it works behind a transaction-pooling proxy as well) and
+//! emptied at every commit (`ON COMMIT DELETE ROWS`): never used by two transactions at once,
+//! never logged, and a rolled-back batch leaves nothing in it. Its name carries the version of
+//! its columns ([`STAGE_COLUMNS`]): change them, change the name, so a session a pooler keeps
+//! across an upgrade never offers a writer a table of another shape. The writer needs the `TEMPORARY` privilege on the
 //! database (PUBLIC has it unless revoked; `writer migrate` with `TARDIS_DB_ROLES` grants it).
 
 use std::collections::HashMap;
@@ -173,7 +175,7 @@ const STAGE_COLUMNS: [(&str, Type); 16] = [
 /// Creates the connection's staging table if this session has none yet (no notice when it
 /// has: the check is silenced for this transaction only).
 const CREATE_STAGE: &str = "SET LOCAL client_min_messages = warning;
-    CREATE TEMP TABLE IF NOT EXISTS tardis_records_stage (
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.tardis_records_stage_v1 (
         source text NOT NULL, record_id text NOT NULL, payload jsonb NOT NULL,
         enrichment jsonb NOT NULL, model text NOT NULL, prompt_version text NOT NULL,
         content_hash text NOT NULL, source_updated_at timestamptz, prompt_tokens int8 NOT NULL,
@@ -183,10 +185,10 @@ const CREATE_STAGE: &str = "SET LOCAL client_min_messages = warning;
     ) ON COMMIT DELETE ROWS";
 
 /// The merge: the staged rows into `records`, newest version wins; the rows changed, per
-/// source. The rows were staged in key order and a fresh temporary table is read back in the
-/// order it was written, so concurrent batches lock rows in the same order without an
-/// `ORDER BY` (whose sort of wide rows spills to disk and costs a tenth of the merge); were
-/// two batches ever to deadlock, Postgres aborts one (40P01) and it is retried.
+/// source. The rows are staged in key order and a temporary table is usually read back in
+/// that order, so concurrent batches mostly lock rows in the same order; there is no
+/// `ORDER BY` (its sort of wide rows spills to disk and cost a tenth of the merge): when two
+/// batches do deadlock, Postgres aborts one (40P01, "busy") and it is retried whole.
 const MERGE: &str = "WITH written AS (
     INSERT INTO records AS r (source, record_id, payload, enrichment, model, prompt_version, content_hash,
         source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, written_at,
@@ -194,7 +196,7 @@ const MERGE: &str = "WITH written AS (
     SELECT source, record_id, payload, enrichment, model, prompt_version, content_hash,
         source_updated_at, prompt_tokens, completion_tokens, cost_usd, fetched_at, enriched_at, now(),
         content_key, reused, saved_usd
-    FROM tardis_records_stage
+    FROM pg_temp.tardis_records_stage_v1
     ON CONFLICT (source, record_id) DO UPDATE SET
        payload = EXCLUDED.payload, enrichment = EXCLUDED.enrichment, model = EXCLUDED.model,
        prompt_version = EXCLUDED.prompt_version, content_hash = EXCLUDED.content_hash,
@@ -227,7 +229,7 @@ async fn merge_records(
     let types: Vec<Type> = STAGE_COLUMNS.iter().map(|(_, t)| t.clone()).collect();
     let sink = tx
         .copy_in(&format!(
-            "COPY tardis_records_stage ({}) FROM STDIN BINARY",
+            "COPY pg_temp.tardis_records_stage_v1 ({}) FROM STDIN BINARY",
             columns.join(", ")
         ))
         .await?;
@@ -327,7 +329,11 @@ pub async fn write_dead_letters(
             }
         }
     }
-    let list: Vec<&DeadLetter> = by_key.into_values().collect();
+    // In key order, like the records: concurrent batches then lock rows in the same order.
+    let mut list: Vec<(&(String, String, String), &DeadLetter)> =
+        by_key.iter().map(|(k, l)| (k, *l)).collect();
+    list.sort_by(|a, b| a.0.cmp(b.0));
+    let list: Vec<&DeadLetter> = list.into_iter().map(|(_, l)| l).collect();
     if list.is_empty() {
         return Ok(0);
     }

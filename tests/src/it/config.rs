@@ -336,16 +336,16 @@ fn the_error_lists_every_problem_on_its_own_line() {
 fn writer_concurrency_beyond_the_pool_names_both_keys_and_the_fix() {
     let mut env = legacy_env();
     env.extend(env_of(&[
-        ("WRITER_CONCURRENCY", "6"),
+        ("WRITER_CONCURRENCY", "5"),
         ("DB_POOL_SIZE", "8"),
     ]));
-    let err = writer::Config::from_env(&env).expect_err("6 loops need 9 connections");
+    let err = writer::Config::from_env(&env).expect_err("5 loops need 9 connections");
     assert_has(&err, "WRITER_CONCURRENCY");
     assert_has(&err, "DB_POOL_SIZE is 8");
     assert_has(&err, "DB_POOL_SIZE to at least 9");
     env.extend(env_of(&[("DB_POOL_SIZE", "9")]));
     let config = writer::Config::from_env(&env).expect("9 connections are enough");
-    assert_eq!(config.concurrency, 6);
+    assert_eq!(config.concurrency, 5);
     let defaults = writer::Config::from_env(&legacy_env()).expect("defaults are valid");
     assert_eq!((defaults.concurrency, defaults.batch_bytes), (2, 4 << 20));
 }
