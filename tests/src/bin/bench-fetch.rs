@@ -13,16 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use devtools::demo_source::{DemoConfig, Running};
 use tardis_common::messages::FetchRun;
+use tardis_tests::bench::peak_rss_kib;
 use tardis_tests::harness::{NatsServer, bins, free_port};
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
 async fn last_run(nats_url: &str, prefix: &str) -> Result<FetchRun> {
     let client = async_nats::connect(nats_url).await?;
