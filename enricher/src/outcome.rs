@@ -6,6 +6,7 @@
 use chrono::Utc;
 use tardis_common::messages::{
     self, DeadRecord, ENRICHED_CHUNK_VERSION, EnrichedChunk, EnrichedRecord, RecordChunk,
+    SourceRecord,
 };
 
 use crate::enrich::Outcome;
@@ -17,17 +18,17 @@ pub enum Decision {
     Dead(DeadRecord),
 }
 
-/// Each record of `chunk` (in chunk order) enriched or dead.
+/// Each of a chunk's `records` (in chunk order, taken from the chunk: their payloads move
+/// into the decisions instead of being copied) enriched or dead.
 pub fn decide(
-    chunk: &RecordChunk,
+    records: Vec<SourceRecord>,
     outcomes: Vec<Option<Outcome>>,
     model: &str,
     prompt_version: &str,
     now: chrono::DateTime<Utc>,
 ) -> Vec<Decision> {
-    chunk
-        .records
-        .iter()
+    records
+        .into_iter()
         .zip(outcomes)
         .map(|(record, outcome)| match outcome {
             Some(Outcome::Enriched { enrichment, usage }) => Decision::Enriched(enriched(
@@ -60,7 +61,7 @@ pub fn decide(
                 attempts,
                 last_error,
             }) => Decision::Dead(DeadRecord {
-                record: record.clone(),
+                record,
                 reason,
                 attempts,
                 last_error,
@@ -68,7 +69,7 @@ pub fn decide(
             }),
             // Only complete chunks are finalized, so this is a bug: say so rather than drop it.
             None => Decision::Dead(DeadRecord {
-                record: record.clone(),
+                record,
                 reason: "internal error: no outcome was recorded for this record".into(),
                 attempts: 0,
                 last_error: None,
@@ -80,7 +81,7 @@ pub fn decide(
 
 /// `record` with its enrichment (made at `at`, for `usage`; `saved_usd` when reused).
 fn enriched(
-    record: &tardis_common::messages::SourceRecord,
+    record: SourceRecord,
     enrichment: serde_json::Value,
     model: &str,
     prompt_version: &str,
@@ -89,15 +90,15 @@ fn enriched(
     saved_usd: f64,
 ) -> EnrichedRecord {
     EnrichedRecord {
-        id: record.id.clone(),
+        id: record.id,
         updated_at: record.updated_at,
-        payload: record.payload.clone(),
+        payload: record.payload,
         enrichment,
         model: model.to_string(),
         prompt_version: prompt_version.to_string(),
         usage,
         enriched_at: at,
-        content_key: record.content_key.clone(),
+        content_key: record.content_key,
         reused: false,
         saved_usd,
     }
@@ -109,12 +110,21 @@ fn assemble(
     decisions: &[Decision],
     part: Option<(u32, u32)>,
 ) -> EnrichedChunk {
-    let mut records = Vec::new();
+    assemble_owned(chunk, decisions.to_vec(), part)
+}
+
+/// [`assemble`], taking the decisions.
+fn assemble_owned(
+    chunk: &RecordChunk,
+    decisions: Vec<Decision>,
+    part: Option<(u32, u32)>,
+) -> EnrichedChunk {
+    let mut records = Vec::with_capacity(decisions.len());
     let mut dead = Vec::new();
     for d in decisions {
         match d {
-            Decision::Enriched(r) => records.push(r.clone()),
-            Decision::Dead(r) => dead.push(r.clone()),
+            Decision::Enriched(r) => records.push(r),
+            Decision::Dead(r) => dead.push(r),
         }
     }
     let last = part.is_none_or(|(k, n)| k == n);
@@ -204,41 +214,89 @@ fn fit_each(
     Ok(out)
 }
 
+/// One message of a chunk's outcome and its encoding (what is published).
+#[derive(Debug)]
+pub struct OutcomeMessage {
+    pub message: EnrichedChunk,
+    pub bytes: Vec<u8>,
+}
+
+impl OutcomeMessage {
+    fn encode(message: EnrichedChunk) -> Result<Self, SplitError> {
+        // The records' payloads are most of the message: size the buffer once.
+        let capacity = message
+            .records
+            .iter()
+            .map(|r| r.payload.get().len() + r.id.len() + 400)
+            .chain(
+                message
+                    .dead
+                    .iter()
+                    .map(|d| d.record.payload.get().len() + d.reason.len() + 400),
+            )
+            .sum::<usize>()
+            + 512;
+        let mut bytes = Vec::with_capacity(capacity);
+        serde_json::to_writer(&mut bytes, &message)?;
+        Ok(Self { message, bytes })
+    }
+}
+
 /// The outcome of `chunk` as one message, or, when that is larger than `max_payload`, as the
 /// fewest parts (2, 4, 8, ...) that each fit. Part `k` of `n` always holds the same records
 /// of the chunk (consecutive, by position), so two rounds that split alike decide each record
-/// in the same message id.
+/// in the same message id. Each record is encoded once when the whole outcome fits (the
+/// common case); only an outcome too large for one message is measured record by record.
 pub fn outcome_messages(
     chunk: &RecordChunk,
-    decisions: &[Decision],
+    decisions: Vec<Decision>,
     max_payload: usize,
-) -> Result<Vec<EnrichedChunk>, SplitError> {
+) -> Result<Vec<OutcomeMessage>, SplitError> {
     // Leave room for headers.
     let limit = max_payload.saturating_sub(1024);
-    let fitted = fit_each(chunk, decisions, limit)?;
-    let decisions = fitted.as_slice();
-    let whole = assemble(chunk, decisions, None);
-    if messages::encode(&whole)?.len() <= limit {
+    let dead_at: Vec<bool> = decisions
+        .iter()
+        .map(|d| matches!(d, Decision::Dead(_)))
+        .collect();
+    let whole = OutcomeMessage::encode(assemble_owned(chunk, decisions, None))?;
+    if whole.bytes.len() <= limit {
         return Ok(vec![whole]);
     }
+    // Too large: the decisions back in chunk order, then each record measured alone.
+    let (mut records, mut dead) = (
+        whole.message.records.into_iter(),
+        whole.message.dead.into_iter(),
+    );
+    let decisions: Vec<Decision> = dead_at
+        .iter()
+        .filter_map(|&is_dead| {
+            if is_dead {
+                dead.next().map(Decision::Dead)
+            } else {
+                records.next().map(Decision::Enriched)
+            }
+        })
+        .collect();
+    let fitted = fit_each(chunk, &decisions, limit)?;
+    let decisions = fitted.as_slice();
     let mut n = 2usize;
     while n / 2 < decisions.len() {
         let per = decisions.len().div_ceil(n);
-        let parts: Vec<EnrichedChunk> = (0..n)
-            .map(|k| {
-                let from = (k * per).min(decisions.len());
-                let to = ((k + 1) * per).min(decisions.len());
-                assemble(chunk, &decisions[from..to], Some((k as u32 + 1, n as u32)))
-            })
-            .collect();
-        let mut fits = true;
-        for p in &parts {
-            if messages::encode(p)?.len() > limit {
-                fits = false;
+        let mut parts = Vec::with_capacity(n);
+        for k in 0..n {
+            let from = (k * per).min(decisions.len());
+            let to = ((k + 1) * per).min(decisions.len());
+            let part = OutcomeMessage::encode(assemble(
+                chunk,
+                &decisions[from..to],
+                Some((k as u32 + 1, n as u32)),
+            ))?;
+            if part.bytes.len() > limit {
                 break;
             }
+            parts.push(part);
         }
-        if fits {
+        if parts.len() == n {
             return Ok(parts);
         }
         n *= 2;
@@ -297,26 +355,29 @@ mod tests {
     #[test]
     fn every_record_is_in_the_one_outcome_message() {
         let c = chunk(6, 10);
-        let d = decide(&c, outcomes(6), "m", "p", Utc::now());
-        let msgs = outcome_messages(&c, &d, 1 << 20).unwrap();
+        let d = decide(c.records.clone(), outcomes(6), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, d, 1 << 20).unwrap();
         assert_eq!(msgs.len(), 1);
-        assert_eq!(msgs[0].records.len() + msgs[0].dead.len(), 6);
-        assert_eq!(msgs[0].dead.len(), 2);
-        assert_eq!(msgs[0].msg_id(), format!("enr:s:{}", c.chunk_id));
-        assert!(msgs[0].cursor_after.is_some());
+        assert_eq!(
+            msgs[0].message.records.len() + msgs[0].message.dead.len(),
+            6
+        );
+        assert_eq!(msgs[0].message.dead.len(), 2);
+        assert_eq!(msgs[0].message.msg_id(), format!("enr:s:{}", c.chunk_id));
+        assert!(msgs[0].message.cursor_after.is_some());
     }
 
     #[test]
     fn an_outcome_too_large_is_cut_in_parts_by_position() {
         let c = chunk(8, 3000);
-        let d = decide(&c, outcomes(8), "m", "p", Utc::now());
-        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
+        let d = decide(c.records.clone(), outcomes(8), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, d, 10_000).unwrap();
         assert_eq!(msgs.len(), 4, "two records of ~3 KB per part");
         let ids: Vec<Vec<String>> = msgs
             .iter()
             .map(|m| {
-                let mut ids: Vec<String> = m.records.iter().map(|r| r.id.clone()).collect();
-                ids.extend(m.dead.iter().map(|d| d.record.id.clone()));
+                let mut ids: Vec<String> = m.message.records.iter().map(|r| r.id.clone()).collect();
+                ids.extend(m.message.dead.iter().map(|d| d.record.id.clone()));
                 ids.sort();
                 ids
             })
@@ -330,29 +391,32 @@ mod tests {
                 vec!["6", "7"]
             ]
         );
-        assert_eq!(msgs[3].msg_id(), format!("enr:s:{}:4/4", c.chunk_id));
-        assert!(msgs[..3].iter().all(|m| m.cursor_after.is_none()));
+        assert_eq!(
+            msgs[3].message.msg_id(),
+            format!("enr:s:{}:4/4", c.chunk_id)
+        );
+        assert!(msgs[..3].iter().all(|m| m.message.cursor_after.is_none()));
         assert!(
-            msgs[3].cursor_after.is_some(),
+            msgs[3].message.cursor_after.is_some(),
             "the last part moves the checkpoint"
         );
         // Another round with other decisions cuts the same way.
         let mut other = outcomes(8);
         other.reverse();
-        let d2 = decide(&c, other, "m", "p", Utc::now());
-        let again = outcome_messages(&c, &d2, 10_000).unwrap();
+        let d2 = decide(c.records.clone(), other, "m", "p", Utc::now());
+        let again = outcome_messages(&c, d2, 10_000).unwrap();
         assert_eq!(again.len(), 4);
         for (a, b) in msgs.iter().zip(&again) {
-            assert_eq!(a.msg_id(), b.msg_id());
+            assert_eq!(a.message.msg_id(), b.message.msg_id());
         }
     }
 
     #[test]
     fn a_record_whose_outcome_cannot_fit_is_dead_lettered_not_retried_forever() {
         let c = chunk(2, 20_000);
-        let d = decide(&c, outcomes(2), "m", "p", Utc::now());
-        let msgs = outcome_messages(&c, &d, 10_000).unwrap();
-        let dead: Vec<&DeadRecord> = msgs.iter().flat_map(|m| m.dead.iter()).collect();
+        let d = decide(c.records.clone(), outcomes(2), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, d, 10_000).unwrap();
+        let dead: Vec<&DeadRecord> = msgs.iter().flat_map(|m| m.message.dead.iter()).collect();
         assert_eq!(dead.len(), 2);
         assert!(
             dead[0].reason.contains("NATS max payload"),
@@ -361,7 +425,8 @@ mod tests {
         );
         assert!(dead[0].record.payload.get().contains("\"truncated\":true"));
         for m in &msgs {
-            assert!(messages::encode(m).unwrap().len() <= 10_000);
+            assert!(m.bytes.len() <= 10_000);
+            assert_eq!(m.bytes, messages::encode(&m.message).unwrap());
         }
     }
 }

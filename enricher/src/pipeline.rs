@@ -538,35 +538,31 @@ impl Pipeline {
     async fn finalize_inner(&self, tracked: Tracked) {
         let Tracked {
             msg,
-            chunk,
+            mut chunk,
             outcomes,
             ..
         } = tracked;
         let model = self.processor.settings.model.clone();
-        let decisions = decide(&chunk, outcomes, &model, &self.prompt_version, Utc::now());
+        let records = std::mem::take(&mut chunk.records);
+        let decisions = decide(records, outcomes, &model, &self.prompt_version, Utc::now());
         let source = chunk.source.clone();
         let max_payload = self.client.server_info().max_payload;
-        let ok = match outcome_messages(&chunk, &decisions, max_payload) {
-            Ok(parts) => {
+        let ok = match outcome_messages(&chunk, decisions, max_payload) {
+            Ok(mut parts) => {
                 let mut ok = true;
-                for part in &parts {
-                    ok = match messages::encode(part) {
-                        Ok(bytes) => {
-                            let subject = self.names.enriched_subject(&source);
-                            self.publish(&subject, &part.msg_id(), bytes, "the chunk's outcome")
-                                .await
-                        }
-                        Err(error) => {
-                            warn!(%error, "encoding the chunk's outcome failed");
-                            false
-                        }
-                    };
+                let subject = self.names.enriched_subject(&source);
+                for part in &mut parts {
+                    let bytes = std::mem::take(&mut part.bytes);
+                    let id = part.message.msg_id();
+                    ok = self
+                        .publish(&subject, &id, bytes, "the chunk's outcome")
+                        .await;
                     if !ok {
                         break;
                     }
                 }
                 if ok {
-                    self.count_outcome(&parts, &model);
+                    self.count_outcome(parts.iter().map(|p| &p.message), &model);
                 }
                 ok
             }
@@ -597,7 +593,7 @@ impl Pipeline {
     }
 
     /// Records, tokens and cost of published outcomes.
-    fn count_outcome(&self, parts: &[EnrichedChunk], model: &str) {
+    fn count_outcome<'a>(&self, parts: impl Iterator<Item = &'a EnrichedChunk>, model: &str) {
         for part in parts {
             let source = part.source.as_str();
             let reused = part.records.iter().filter(|r| r.reused).count();
