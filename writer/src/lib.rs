@@ -17,16 +17,22 @@
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
 //! * [`store`]: the SQL (binary `COPY` into a staging table and one merge per batch, newest
 //!   version wins, monotonic checkpoint);
-//! * [`consume`]: the batch loops, failure handling, dead letters.
+//! * [`consume`]: the batch loops (pull, write, ack or hand back), with the batch's
+//!   transaction in `write`, the SQLSTATE classes in `failure` (pure), the `+WPI` heartbeat in
+//!   `heartbeat`, and what cannot be written (newer, unreadable, refused) in `refuse`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod consume;
+mod failure;
+mod heartbeat;
 pub mod metrics;
 pub mod migrate;
+mod refuse;
 pub mod roles;
 pub mod store;
+mod write;
 
 use std::process::ExitCode;
 use std::time::Duration;
