@@ -1077,5 +1077,47 @@ async fn the_optional_roles_get_their_privileges_only_and_log_in_with_the_secret
             .await
             .is_err()
     );
+
+    // Without TEMPORARY (a DBA's own roles, a database that revoked it from PUBLIC) the
+    // writer cannot stage a batch: it refuses to start and names the GRANT, rather than
+    // failing every batch.
+    let dbname: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "REVOKE TEMPORARY ON DATABASE \"{dbname}\" FROM PUBLIC, tardis_writer"
+        ))
+        .await?;
+    let out = tokio::task::spawn_blocking({
+        let e = as_writer.clone();
+        move || {
+            Command::new(bins::bin("writer")?)
+                .env_clear()
+                .envs(&e)
+                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+                .output()
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("GRANT TEMPORARY ON DATABASE <db> TO <user>"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&writer_pw), "{stderr}");
+    // `writer migrate` with TARDIS_DB_ROLES grants it again, and the writer starts.
+    migrate(&e).await?;
+    let w = start(&as_writer)?;
+    publish(
+        &t,
+        &chunk("s", &[("2", "2026-11-01T11:00:00Z", "after the grant")]),
+    )
+    .await?;
+    wait_rows(&db, 2, Duration::from_secs(30)).await?;
+    stop(w).await?;
     Ok(())
 }
