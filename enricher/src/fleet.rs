@@ -1,7 +1,12 @@
 //! The fleet's LLM budget over NATS (I/O): the schedule of [`crate::budget`] lives in one
 //! entry of the KV bucket `TARDIS_LLM_BUDGET` (memory storage, history 1), keyed by model and
-//! endpoint, and every replica updates it by compare-and-set. A request costs two small KV
-//! round trips (reserve before, settle after), none per record.
+//! endpoint, and every replica updates it by compare-and-set. A request costs one small KV
+//! round trip (its reservation), none per record: a 2xx answer's settlement (its tokens,
+//! the calibration, the provider's headers) rides on the replica's next update, unless it
+//! carries news the fleet needs at once (the provider says a limit is spent) or
+//! [`MAX_DEFERRED`] settlements or [`DEFER_FOR`] have piled up; a 429 is written at once.
+//! Each compare-and-set is a synced JetStream write: per request, two writes and their
+//! conflicts cost nats-server and the enricher more CPU than the request itself did.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
 //! unbudgeted); settling after an answer is best effort (three tries).
@@ -257,12 +262,42 @@ pub enum Answered {
     Other,
 }
 
+/// At most this many 2xx settlements wait for the replica's next update.
+pub const MAX_DEFERRED: usize = 8;
+/// ... and for no longer than this (checked when the next answer arrives).
+pub const DEFER_FOR: Duration = Duration::from_secs(2);
+
+/// A 2xx answer not yet written to the shared state.
+#[derive(Debug, Clone, Copy)]
+struct Settlement {
+    cost: Cost,
+    grant: Grant,
+    usage: Option<(u64, u64)>,
+    headers: RateHeaders,
+    at: f64,
+}
+
+impl Settlement {
+    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling, now: f64) {
+        state.settle(ceiling, self.cost, self.grant.tokens, self.usage);
+        state.succeeded(now, ceiling, &self.headers);
+    }
+
+    /// The provider says a limit is spent: every replica must pause now, not later.
+    fn urgent(&self) -> bool {
+        self.headers.remaining_requests.is_some_and(|r| r < 1.0)
+            || self.headers.remaining_tokens.is_some_and(|t| t < 1.0)
+    }
+}
+
 /// One replica's handle on the fleet's budget.
 pub struct Budget {
     store: Arc<dyn BudgetStore>,
     ceiling: Ceiling,
     clock: Clock,
     cached: Mutex<Option<(FleetState, u64)>>,
+    /// 2xx settlements waiting to ride on the next update (oldest first).
+    deferred: Mutex<Vec<Settlement>>,
     /// This replica's grants in the last minute (ms, tokens), for its share.
     mine: Mutex<VecDeque<(f64, f64)>>,
     metrics: Option<EnrichMetrics>,
@@ -289,6 +324,7 @@ impl Budget {
             ceiling,
             clock,
             cached: Mutex::new(None),
+            deferred: Mutex::new(Vec::new()),
             mine: Mutex::new(VecDeque::new()),
             metrics,
         }
@@ -378,8 +414,16 @@ impl Budget {
     /// Reserves a slot and sleeps until it; whether it had to wait.
     async fn admit_once(&self, cost: Cost) -> (Grant, bool) {
         let ceiling = self.ceiling;
+        // The settlements waiting here ride on this reservation (one write for both); taken,
+        // so that two updates at once never apply the same settlement twice.
+        let settled = self.take_deferred();
         let grant = self
-            .update(0, |s, now| s.reserve(now, &ceiling, cost))
+            .update(0, |s, now| {
+                for d in &settled {
+                    d.apply(s, &ceiling, now);
+                }
+                s.reserve(now, &ceiling, cost)
+            })
             .await
             .unwrap_or(Grant {
                 send_at: 0.0,
@@ -412,28 +456,67 @@ impl Budget {
         (grant, wait > 0.0)
     }
 
-    /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate.
+    /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate. A
+    /// 2xx is deferred to the next update (see the module docs) unless it is urgent or enough
+    /// have waited; a 429 is written at once; anything else changes nothing (the charge
+    /// stands).
     pub async fn answered(&self, cost: Cost, grant: Grant, how: Answered) {
         let ceiling = self.ceiling;
+        let now = self.clock.now_ms();
+        let throttled = match how {
+            Answered::Ok { usage, headers } => {
+                let settlement = Settlement {
+                    cost,
+                    grant,
+                    usage,
+                    headers,
+                    at: now,
+                };
+                let mut deferred = self
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                deferred.push(settlement);
+                let due = settlement.urgent()
+                    || deferred.len() >= MAX_DEFERRED
+                    || deferred
+                        .first()
+                        .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
+                if !due {
+                    return;
+                }
+                None
+            }
+            Answered::Throttled(headers) => Some(headers),
+            Answered::Other => return,
+        };
+        let settled = self.take_deferred();
         let done = self
-            .update(3, |s, now| match how {
-                Answered::Ok { usage, headers } => {
-                    s.settle(&ceiling, cost, grant.tokens, usage);
-                    s.succeeded(now, &ceiling, &headers);
+            .update(3, |s, now| {
+                for d in &settled {
+                    d.apply(s, &ceiling, now);
                 }
-                Answered::Throttled(headers) => {
-                    s.throttled(now, grant.send_at, &ceiling, &headers);
+                if let Some(headers) = &throttled {
+                    s.throttled(now, grant.send_at, &ceiling, headers);
                 }
-                Answered::Other => {}
             })
             .await;
         if done.is_none() {
-            // Next time, load afresh.
+            // Next time, load afresh (the settlements are lost: settling is best effort).
             self.cached
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
         }
+    }
+
+    fn take_deferred(&self) -> Vec<Settlement> {
+        std::mem::take(
+            &mut *self
+                .deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Publishes the fleet's rates, this replica's share of them and the booked-ahead time.
@@ -569,6 +652,85 @@ mod tests {
         assert!(
             started.elapsed() >= Duration::from_secs(10),
             "sent after {:?}, inside the pause",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_costs_one_write_and_its_settlement_rides_on_the_next() {
+        let store = Arc::new(MemoryStore::default());
+        let b = Budget::new(store.clone(), ceiling(6000.0), Clock::tokio(), None);
+        // The provider counts twice the prompt tokens we estimate.
+        let ok = Answered::Ok {
+            usage: Some((200, 10)),
+            headers: RateHeaders::default(),
+        };
+        for _ in 0..5 {
+            let g = b.admit(COST).await;
+            b.answered(COST, g, ok).await;
+        }
+        let (state, revision) = store.load().await.unwrap().unwrap();
+        assert_eq!(revision, 5, "one compare-and-set per request, not two");
+        assert!(
+            state.prompt_ratio > 1.2,
+            "the settlements were applied with the reservations after them: {}",
+            state.prompt_ratio
+        );
+        // An answer that is neither 2xx nor 429 writes nothing.
+        let g = b.admit(COST).await;
+        b.answered(COST, g, Answered::Other).await;
+        assert_eq!(store.load().await.unwrap().unwrap().1, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settlements_are_written_once_enough_have_waited() {
+        let store = Arc::new(MemoryStore::default());
+        let b = Budget::new(store.clone(), ceiling(6000.0), Clock::tokio(), None);
+        let ok = Answered::Ok {
+            usage: Some((200, 10)),
+            headers: RateHeaders::default(),
+        };
+        let grants: Vec<Grant> = {
+            let mut v = Vec::new();
+            for _ in 0..MAX_DEFERRED {
+                v.push(b.admit(COST).await);
+            }
+            v
+        };
+        for g in grants {
+            b.answered(COST, g, ok).await;
+        }
+        // MAX_DEFERRED reservations, then one write for the MAX_DEFERRED settlements.
+        let (state, revision) = store.load().await.unwrap().unwrap();
+        assert_eq!(revision, MAX_DEFERRED as u64 + 1);
+        assert!(state.prompt_ratio > 1.2, "{}", state.prompt_ratio);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_saying_the_limit_is_spent_pauses_every_replica_at_once() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let clock = Clock::tokio();
+        let a = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let b = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let g = a.admit(COST).await;
+        a.answered(
+            COST,
+            g,
+            Answered::Ok {
+                usage: Some((100, 10)),
+                headers: RateHeaders {
+                    remaining_requests: Some(0.0),
+                    reset_requests: Some(Duration::from_secs(5)),
+                    ..RateHeaders::default()
+                },
+            },
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        b.admit(COST).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(4990),
+            "{:?}",
             started.elapsed()
         );
     }
