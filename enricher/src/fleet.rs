@@ -184,6 +184,8 @@ impl BudgetStore for KvStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Option<(FleetState, u64)>>,
+    /// Compare-and-sets that lost (tests count them).
+    pub conflicts: std::sync::atomic::AtomicU64,
 }
 
 impl BudgetStore for MemoryStore {
@@ -214,7 +216,11 @@ impl BudgetStore for MemoryStore {
                 *inner = Some((state.clone(), rev + 1));
                 Put::Stored(rev + 1)
             }
-            _ => Put::Conflict,
+            _ => {
+                self.conflicts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Put::Conflict
+            }
         };
         Box::pin(async move { Ok(result) })
     }
@@ -298,6 +304,7 @@ pub struct Budget {
     cached: Mutex<Option<(FleetState, u64)>>,
     /// 2xx settlements waiting to ride on the next update (oldest first).
     deferred: Mutex<Vec<Settlement>>,
+    updating: tokio::sync::Mutex<()>,
     /// This replica's grants in the last minute (ms, tokens), for its share.
     mine: Mutex<VecDeque<(f64, f64)>>,
     metrics: Option<EnrichMetrics>,
@@ -325,6 +332,7 @@ impl Budget {
             clock,
             cached: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            updating: tokio::sync::Mutex::new(()),
             mine: Mutex::new(VecDeque::new()),
             metrics,
         }
@@ -341,6 +349,9 @@ impl Budget {
         tries: u32,
         mut change: impl FnMut(&mut FleetState, f64) -> R,
     ) -> Option<R> {
+        // One update at a time per replica: its concurrent requests would otherwise race
+        // each other on the same cached revision, and every loser pays a load and a retry.
+        let _one_at_a_time = self.updating.lock().await;
         let mut failures = 0u32;
         loop {
             let cached = self
@@ -680,6 +691,65 @@ mod tests {
         let g = b.admit(COST).await;
         b.answered(COST, g, Answered::Other).await;
         assert_eq!(store.load().await.unwrap().unwrap().1, 6);
+    }
+
+    /// A store that takes a millisecond per operation, like a KV round trip.
+    #[derive(Debug)]
+    struct RoundTrip(Arc<MemoryStore>);
+
+    impl BudgetStore for RoundTrip {
+        fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                self.0.load().await
+            })
+        }
+        fn put<'a>(
+            &'a self,
+            state: &'a FleetState,
+            revision: Option<u64>,
+        ) -> BoxFuture<'a, Result<Put, String>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                self.0.put(state, revision).await
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replicas_own_concurrent_requests_never_conflict() {
+        let store = Arc::new(MemoryStore::default());
+        let b = Arc::new(Budget::new(
+            Arc::new(RoundTrip(store.clone())),
+            ceiling(600.0),
+            Clock::tokio(),
+            None,
+        ));
+        let ok = Answered::Ok {
+            usage: Some((100, 10)),
+            headers: RateHeaders::default(),
+        };
+        // LLM_CONCURRENCY 4: four requests at a time, ten each.
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        let g = b.admit(COST).await;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        b.answered(COST, g, ok).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            store.conflicts.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "a replica's updates queue behind each other instead of racing"
+        );
     }
 
     #[tokio::test(start_paused = true)]
