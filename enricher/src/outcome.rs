@@ -246,7 +246,9 @@ impl OutcomeMessage {
 /// fewest parts (2, 4, 8, ...) that each fit. Part `k` of `n` always holds the same records
 /// of the chunk (consecutive, by position), so two rounds that split alike decide each record
 /// in the same message id. Each record is encoded once when the whole outcome fits (the
-/// common case); only an outcome too large for one message is measured record by record.
+/// common case); only an outcome too large for one message is measured record by record:
+/// a record too large for any message is dead-lettered, then the outcome is one message if it
+/// fits now, else cut in parts.
 pub fn outcome_messages(
     chunk: &RecordChunk,
     decisions: Vec<Decision>,
@@ -279,6 +281,12 @@ pub fn outcome_messages(
         .collect();
     let fitted = fit_each(chunk, &decisions, limit)?;
     let decisions = fitted.as_slice();
+    // With the records too large for any message dead-lettered (the head of their payload
+    // kept), the outcome may fit one message after all.
+    let whole = OutcomeMessage::encode(assemble(chunk, decisions, None))?;
+    if whole.bytes.len() <= limit {
+        return Ok(vec![whole]);
+    }
     let mut n = 2usize;
     while n / 2 < decisions.len() {
         let per = decisions.len().div_ceil(n);
@@ -409,6 +417,35 @@ mod tests {
         for (a, b) in msgs.iter().zip(&again) {
             assert_eq!(a.message.msg_id(), b.message.msg_id());
         }
+    }
+
+    #[test]
+    fn a_chunk_of_one_record_too_large_is_decided_in_one_message() {
+        // The fetcher cuts chunks by the max payload: a large record comes alone.
+        let c = chunk(1, 20_000);
+        let d = decide(c.records.clone(), outcomes(1), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, d, 10_000).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].message.msg_id(), format!("enr:s:{}", c.chunk_id));
+        assert_eq!(msgs[0].message.dead.len(), 1);
+        assert!(msgs[0].bytes.len() <= 10_000);
+    }
+
+    #[test]
+    fn an_outcome_that_fits_once_a_record_is_cut_down_stays_one_message() {
+        // Two small records and one too large: once that one is dead-lettered with the head
+        // of its payload, the outcome fits one message, as it always did (same message id).
+        let mut c = chunk(3, 10);
+        c.records[1].payload =
+            RawValue::from_string(format!("{{\"t\":\"{}\"}}", "x".repeat(20_000))).unwrap();
+        let d = decide(c.records.clone(), outcomes(3), "m", "p", Utc::now());
+        let msgs = outcome_messages(&c, d, 10_000).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].message.msg_id(), format!("enr:s:{}", c.chunk_id));
+        assert_eq!(
+            msgs[0].message.records.len() + msgs[0].message.dead.len(),
+            3
+        );
     }
 
     #[test]
