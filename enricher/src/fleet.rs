@@ -1,15 +1,19 @@
 //! The fleet's LLM budget over NATS (I/O): the schedule of [`crate::budget`] lives in one
 //! entry of the KV bucket `TARDIS_LLM_BUDGET` (memory storage, history 1), keyed by model and
 //! endpoint, and every replica updates it by compare-and-set. A request costs one small KV
-//! round trip (its reservation), none per record: a 2xx answer's settlement (its tokens,
-//! the calibration, the provider's headers) rides on the replica's next update, unless it
-//! carries news the fleet needs at once (the provider says a limit is spent) or
-//! [`MAX_DEFERRED`] settlements or [`DEFER_FOR`] have piled up; a 429 is written at once.
-//! Each compare-and-set is a synced JetStream write: per request, two writes and their
-//! conflicts cost nats-server and the enricher more CPU than the request itself did.
+//! write (its reservation; a request that had to wait for its slot reads the entry again
+//! before it is sent), none per record: a 2xx answer's settlement (its tokens, the
+//! calibration, the provider's headers) rides on the replica's next update, or is written by
+//! itself after [`DEFER_FOR`] or once [`MAX_DEFERRED`] have piled up; an answer saying a limit
+//! is spent and a 429 are written at once. Each compare-and-set is a synced JetStream write:
+//! with two per request, and a replica's own concurrent requests racing each other on one
+//! revision, the budget cost nats-server and the enricher more CPU than the records did. A
+//! replica's updates therefore go one at a time.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
-//! unbudgeted); settling after an answer is best effort (three tries).
+//! unbudgeted); settling is best effort: three tries (and at most [`BEST_EFFORT_WAIT`] behind
+//! a reservation that is retrying), then the settlements wait for the next update; those
+//! still waiting when the process exits are lost (at most [`DEFER_FOR`] of answers).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -270,8 +274,13 @@ pub enum Answered {
 
 /// At most this many 2xx settlements wait for the replica's next update.
 pub const MAX_DEFERRED: usize = 8;
-/// ... and for no longer than this (checked when the next answer arrives).
+/// ... and for no longer than this: then they are written by themselves.
 pub const DEFER_FOR: Duration = Duration::from_secs(2);
+/// How long a settlement waits for this replica's update in progress (a reservation retrying
+/// through a KV outage) before it gives up for now.
+pub const BEST_EFFORT_WAIT: Duration = Duration::from_secs(1);
+/// Settlements kept through failed writes, newest first kept.
+const MAX_KEPT: usize = 64;
 
 /// A 2xx answer not yet written to the shared state.
 #[derive(Debug, Clone, Copy)]
@@ -284,9 +293,10 @@ struct Settlement {
 }
 
 impl Settlement {
-    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling, now: f64) {
+    /// Applied as of its answer's time, whenever it is written.
+    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling) {
         state.settle(ceiling, self.cost, self.grant.tokens, self.usage);
-        state.succeeded(now, ceiling, &self.headers);
+        state.succeeded(self.at, ceiling, &self.headers);
     }
 
     /// The provider says a limit is spent: every replica must pause now, not later.
@@ -351,7 +361,15 @@ impl Budget {
     ) -> Option<R> {
         // One update at a time per replica: its concurrent requests would otherwise race
         // each other on the same cached revision, and every loser pays a load and a retry.
-        let _one_at_a_time = self.updating.lock().await;
+        let _one_at_a_time = if tries == 0 {
+            self.updating.lock().await
+        } else {
+            // Best effort: not for long behind a reservation retrying through an outage.
+            match tokio::time::timeout(BEST_EFFORT_WAIT, self.updating.lock()).await {
+                Ok(guard) => guard,
+                Err(_) => return None,
+            }
+        };
         let mut failures = 0u32;
         loop {
             let cached = self
@@ -431,7 +449,7 @@ impl Budget {
         let grant = self
             .update(0, |s, now| {
                 for d in &settled {
-                    d.apply(s, &ceiling, now);
+                    d.apply(s, &ceiling);
                 }
                 s.reserve(now, &ceiling, cost)
             })
@@ -471,8 +489,7 @@ impl Budget {
     /// 2xx is deferred to the next update (see the module docs) unless it is urgent or enough
     /// have waited; a 429 is written at once; anything else changes nothing (the charge
     /// stands).
-    pub async fn answered(&self, cost: Cost, grant: Grant, how: Answered) {
-        let ceiling = self.ceiling;
+    pub async fn answered(self: &Arc<Self>, cost: Cost, grant: Grant, how: Answered) {
         let now = self.clock.now_ms();
         let throttled = match how {
             Answered::Ok { usage, headers } => {
@@ -483,42 +500,77 @@ impl Budget {
                     headers,
                     at: now,
                 };
-                let mut deferred = self
-                    .deferred
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                deferred.push(settlement);
-                let due = settlement.urgent()
-                    || deferred.len() >= MAX_DEFERRED
-                    || deferred
-                        .first()
-                        .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
+                let (due, first) = {
+                    let mut deferred = self
+                        .deferred
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    deferred.push(settlement);
+                    let due = settlement.urgent()
+                        || deferred.len() >= MAX_DEFERRED
+                        || deferred
+                            .first()
+                            .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
+                    (due, deferred.len() == 1)
+                };
                 if !due {
+                    if first {
+                        self.write_later();
+                    }
                     return;
                 }
                 None
             }
-            Answered::Throttled(headers) => Some(headers),
+            Answered::Throttled(headers) => Some((grant.send_at, headers)),
             Answered::Other => return,
         };
+        self.write_deferred(throttled).await;
+    }
+
+    /// Writes the settlements waiting here (and a 429 to a request sent at `sent_at`).
+    async fn write_deferred(&self, throttled: Option<(f64, RateHeaders)>) {
+        let ceiling = self.ceiling;
         let settled = self.take_deferred();
+        if settled.is_empty() && throttled.is_none() {
+            return;
+        }
         let done = self
             .update(3, |s, now| {
                 for d in &settled {
-                    d.apply(s, &ceiling, now);
+                    d.apply(s, &ceiling);
                 }
-                if let Some(headers) = &throttled {
-                    s.throttled(now, grant.send_at, &ceiling, headers);
+                if let Some((sent_at, headers)) = &throttled {
+                    s.throttled(now, *sent_at, &ceiling, headers);
                 }
             })
             .await;
         if done.is_none() {
-            // Next time, load afresh (the settlements are lost: settling is best effort).
+            // Next time, load afresh; the settlements wait for the next update.
             self.cached
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
+            let mut deferred = self
+                .deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut kept = settled;
+            kept.append(&mut deferred);
+            let excess = kept.len().saturating_sub(MAX_KEPT);
+            kept.drain(..excess);
+            *deferred = kept;
         }
+    }
+
+    /// Writes what is still waiting after [`DEFER_FOR`] (a replica gone idle).
+    fn write_later(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(DEFER_FOR).await;
+            if let Some(this) = this.upgrade() {
+                this.write_deferred(None).await;
+            }
+        });
     }
 
     fn take_deferred(&self) -> Vec<Settlement> {
@@ -618,8 +670,8 @@ mod tests {
     async fn a_429_pauses_every_replica_for_the_servers_wait() {
         let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
         let clock = Clock::tokio();
-        let a = Budget::new(store.clone(), ceiling(6000.0), clock, None);
-        let b = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let a = Arc::new(Budget::new(store.clone(), ceiling(6000.0), clock, None));
+        let b = Arc::new(Budget::new(store.clone(), ceiling(6000.0), clock, None));
         let g = a.admit(COST).await;
         a.answered(
             COST,
@@ -640,7 +692,7 @@ mod tests {
         let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
         let clock = Clock::tokio();
         let a = Arc::new(Budget::new(store.clone(), ceiling(60.0), clock, None));
-        let b = Budget::new(store.clone(), ceiling(60.0), clock, None);
+        let b = Arc::new(Budget::new(store.clone(), ceiling(60.0), clock, None));
         // A takes the first slot; B's is about a second later.
         let first = a.admit(COST).await;
         let started = tokio::time::Instant::now();
@@ -670,7 +722,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_costs_one_write_and_its_settlement_rides_on_the_next() {
         let store = Arc::new(MemoryStore::default());
-        let b = Budget::new(store.clone(), ceiling(6000.0), Clock::tokio(), None);
+        let b = Arc::new(Budget::new(
+            store.clone(),
+            ceiling(6000.0),
+            Clock::tokio(),
+            None,
+        ));
         // The provider counts twice the prompt tokens we estimate.
         let ok = Answered::Ok {
             usage: Some((200, 10)),
@@ -755,7 +812,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn settlements_are_written_once_enough_have_waited() {
         let store = Arc::new(MemoryStore::default());
-        let b = Budget::new(store.clone(), ceiling(6000.0), Clock::tokio(), None);
+        let b = Arc::new(Budget::new(
+            store.clone(),
+            ceiling(6000.0),
+            Clock::tokio(),
+            None,
+        ));
         let ok = Answered::Ok {
             usage: Some((200, 10)),
             headers: RateHeaders::default(),
@@ -777,11 +839,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_idle_replicas_settlements_are_written_after_defer_for() {
+        let store = Arc::new(MemoryStore::default());
+        let b = Arc::new(Budget::new(
+            store.clone(),
+            ceiling(6000.0),
+            Clock::tokio(),
+            None,
+        ));
+        let g = b.admit(COST).await;
+        b.answered(
+            COST,
+            g,
+            Answered::Ok {
+                usage: Some((200, 10)),
+                headers: RateHeaders::default(),
+            },
+        )
+        .await;
+        assert_eq!(store.load().await.unwrap().unwrap().1, 1, "deferred");
+        // No more requests from this replica: the settlement is written by itself.
+        tokio::time::sleep(DEFER_FOR + Duration::from_millis(10)).await;
+        let (state, revision) = store.load().await.unwrap().unwrap();
+        assert_eq!(revision, 2);
+        assert!(state.prompt_ratio > 1.0, "{}", state.prompt_ratio);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_saying_the_limit_is_spent_pauses_every_replica_at_once() {
         let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
         let clock = Clock::tokio();
-        let a = Budget::new(store.clone(), ceiling(6000.0), clock, None);
-        let b = Budget::new(store.clone(), ceiling(6000.0), clock, None);
+        let a = Arc::new(Budget::new(store.clone(), ceiling(6000.0), clock, None));
+        let b = Arc::new(Budget::new(store.clone(), ceiling(6000.0), clock, None));
         let g = a.admit(COST).await;
         a.answered(
             COST,
