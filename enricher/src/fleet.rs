@@ -5,15 +5,16 @@
 //! before it is sent), none per record: a 2xx answer's settlement (its tokens, the
 //! calibration, the provider's headers) rides on the replica's next update, or is written by
 //! itself after [`DEFER_FOR`] or once [`MAX_DEFERRED`] have piled up; an answer saying a limit
-//! is spent and a 429 are written at once. Each compare-and-set is a synced JetStream write:
+//! is spent and a 429 are written at once (with the answers waiting before them). Each compare-and-set is a synced JetStream write:
 //! with two per request, and a replica's own concurrent requests racing each other on one
 //! revision, the budget cost nats-server and the enricher more CPU than the records did. A
 //! replica's updates therefore go one at a time.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
-//! unbudgeted); settling is best effort: three tries (and at most [`BEST_EFFORT_WAIT`] behind
-//! a reservation that is retrying), then the settlements wait for the next update; those
-//! still waiting when the process exits are lost (at most [`DEFER_FOR`] of answers).
+//! unbudgeted); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
+//! behind a reservation of this replica's), then they wait for the next update or another try
+//! [`DEFER_FOR`] later (at most [`MAX_KEPT`] of them, the newest); those still waiting when the
+//! process exits are lost.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -279,29 +280,44 @@ pub const DEFER_FOR: Duration = Duration::from_secs(2);
 /// How long a settlement waits for this replica's update in progress (a reservation retrying
 /// through a KV outage) before it gives up for now.
 pub const BEST_EFFORT_WAIT: Duration = Duration::from_secs(1);
-/// Settlements kept through failed writes, newest first kept.
-const MAX_KEPT: usize = 64;
+/// Answers kept through failed writes (the newest).
+pub const MAX_KEPT: usize = 64;
 
-/// A 2xx answer not yet written to the shared state.
+/// An answer not yet written to the shared state.
 #[derive(Debug, Clone, Copy)]
 struct Settlement {
     cost: Cost,
     grant: Grant,
+    /// The provider's usage (a 2xx that reported it).
     usage: Option<(u64, u64)>,
     headers: RateHeaders,
+    throttled: bool,
+    /// When the answer came.
     at: f64,
 }
 
 impl Settlement {
-    /// Applied as of its answer's time, whenever it is written.
-    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling) {
+    /// Applied when written (`now`). A 2xx answered before the fleet's last rate cut is
+    /// applied as of its own time, so it cannot count toward growing the cut rate again.
+    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling, now: f64) {
+        if self.throttled {
+            state.throttled(now, self.grant.send_at, ceiling, &self.headers);
+            return;
+        }
         state.settle(ceiling, self.cost, self.grant.tokens, self.usage);
-        state.succeeded(self.at, ceiling, &self.headers);
+        let at = if self.at <= state.decreased_at {
+            self.at
+        } else {
+            now
+        };
+        state.succeeded(at, ceiling, &self.headers);
     }
 
-    /// The provider says a limit is spent: every replica must pause now, not later.
+    /// Every replica must hear of it now, not with this one's next request: a 429, or the
+    /// provider saying a limit is spent.
     fn urgent(&self) -> bool {
-        self.headers.remaining_requests.is_some_and(|r| r < 1.0)
+        self.throttled
+            || self.headers.remaining_requests.is_some_and(|r| r < 1.0)
             || self.headers.remaining_tokens.is_some_and(|t| t < 1.0)
     }
 }
@@ -449,7 +465,7 @@ impl Budget {
         let grant = self
             .update(0, |s, now| {
                 for d in &settled {
-                    d.apply(s, &ceiling);
+                    d.apply(s, &ceiling, now);
                 }
                 s.reserve(now, &ceiling, cost)
             })
@@ -490,85 +506,83 @@ impl Budget {
     /// have waited; a 429 is written at once; anything else changes nothing (the charge
     /// stands).
     pub async fn answered(self: &Arc<Self>, cost: Cost, grant: Grant, how: Answered) {
-        let now = self.clock.now_ms();
-        let throttled = match how {
-            Answered::Ok { usage, headers } => {
-                let settlement = Settlement {
-                    cost,
-                    grant,
-                    usage,
-                    headers,
-                    at: now,
-                };
-                let (due, first) = {
-                    let mut deferred = self
-                        .deferred
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    deferred.push(settlement);
-                    let due = settlement.urgent()
-                        || deferred.len() >= MAX_DEFERRED
-                        || deferred
-                            .first()
-                            .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
-                    (due, deferred.len() == 1)
-                };
-                if !due {
-                    if first {
-                        self.write_later();
-                    }
-                    return;
-                }
-                None
-            }
-            Answered::Throttled(headers) => Some((grant.send_at, headers)),
+        let (usage, headers, throttled) = match how {
+            Answered::Ok { usage, headers } => (usage, headers, false),
+            Answered::Throttled(headers) => (None, headers, true),
             Answered::Other => return,
         };
-        self.write_deferred(throttled).await;
+        let now = self.clock.now_ms();
+        let settlement = Settlement {
+            cost,
+            grant,
+            usage,
+            headers,
+            throttled,
+            at: now,
+        };
+        let (due, first) = {
+            let mut deferred = self
+                .deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            deferred.push(settlement);
+            let due = settlement.urgent()
+                || deferred.len() >= MAX_DEFERRED
+                || deferred
+                    .first()
+                    .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
+            (due, deferred.len() == 1)
+        };
+        if due {
+            self.write_deferred().await;
+        } else if first {
+            self.write_later();
+        }
     }
 
-    /// Writes the settlements waiting here (and a 429 to a request sent at `sent_at`).
-    async fn write_deferred(&self, throttled: Option<(f64, RateHeaders)>) {
+    /// Writes the answers waiting here; if that fails they wait for the next update, and are
+    /// written by themselves after [`DEFER_FOR`] if none comes.
+    async fn write_deferred(self: &Arc<Self>) {
         let ceiling = self.ceiling;
         let settled = self.take_deferred();
-        if settled.is_empty() && throttled.is_none() {
+        if settled.is_empty() {
             return;
         }
         let done = self
             .update(3, |s, now| {
                 for d in &settled {
-                    d.apply(s, &ceiling);
-                }
-                if let Some((sent_at, headers)) = &throttled {
-                    s.throttled(now, *sent_at, &ceiling, headers);
+                    d.apply(s, &ceiling, now);
                 }
             })
             .await;
         if done.is_none() {
-            // Next time, load afresh; the settlements wait for the next update.
+            // Next time, load afresh.
             self.cached
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
-            let mut deferred = self
-                .deferred
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut kept = settled;
-            kept.append(&mut deferred);
-            let excess = kept.len().saturating_sub(MAX_KEPT);
-            kept.drain(..excess);
-            *deferred = kept;
+            {
+                let mut deferred = self
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut kept = settled;
+                kept.append(&mut deferred);
+                let excess = kept.len().saturating_sub(MAX_KEPT);
+                kept.drain(..excess);
+                *deferred = kept;
+            }
+            self.write_later();
         }
     }
 
-    /// Writes what is still waiting after [`DEFER_FOR`] (a replica gone idle).
+    /// Writes what is still waiting after [`DEFER_FOR`] (a replica gone idle, a failed write).
     fn write_later(self: &Arc<Self>) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(DEFER_FOR).await;
             if let Some(this) = this.upgrade() {
-                this.write_deferred(None).await;
+                this.write_deferred().await;
             }
         });
     }
@@ -863,6 +877,67 @@ mod tests {
         let (state, revision) = store.load().await.unwrap().unwrap();
         assert_eq!(revision, 2);
         assert!(state.prompt_ratio > 1.0, "{}", state.prompt_ratio);
+    }
+
+    /// A store whose next `failing` writes fail (a KV outage).
+    #[derive(Debug, Default)]
+    struct Outage {
+        inner: MemoryStore,
+        failing: std::sync::atomic::AtomicU32,
+    }
+
+    impl BudgetStore for Outage {
+        fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
+            self.inner.load()
+        }
+        fn put<'a>(
+            &'a self,
+            state: &'a FleetState,
+            revision: Option<u64>,
+        ) -> BoxFuture<'a, Result<Put, String>> {
+            let down = self
+                .failing
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            if down {
+                return Box::pin(async { Err("no responders".to_string()) });
+            }
+            self.inner.put(state, revision)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_that_could_not_be_written_is_written_when_the_store_is_back() {
+        let store = Arc::new(Outage::default());
+        let b = Arc::new(Budget::new(
+            store.clone(),
+            ceiling(6000.0),
+            Clock::tokio(),
+            None,
+        ));
+        let g = b.admit(COST).await;
+        // Three tries fail: the 429 waits instead of being lost.
+        store.failing.store(3, std::sync::atomic::Ordering::SeqCst);
+        b.answered(
+            COST,
+            g,
+            Answered::Throttled(RateHeaders {
+                retry_after: Some(Duration::from_secs(30)),
+                ..RateHeaders::default()
+            }),
+        )
+        .await;
+        let paused = |s: &FleetState| s.paused_until > 0.0;
+        assert!(!paused(&store.inner.load().await.unwrap().unwrap().0));
+        tokio::time::sleep(DEFER_FOR + Duration::from_millis(10)).await;
+        assert!(
+            paused(&store.inner.load().await.unwrap().unwrap().0),
+            "written by itself once the store answers"
+        );
     }
 
     #[tokio::test(start_paused = true)]
