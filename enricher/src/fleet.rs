@@ -764,34 +764,14 @@ mod tests {
         assert_eq!(store.load().await.unwrap().unwrap().1, 6);
     }
 
-    /// A store that takes a millisecond per operation, like a KV round trip.
-    #[derive(Debug)]
-    struct RoundTrip(Arc<MemoryStore>);
-
-    impl BudgetStore for RoundTrip {
-        fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                self.0.load().await
-            })
-        }
-        fn put<'a>(
-            &'a self,
-            state: &'a FleetState,
-            revision: Option<u64>,
-        ) -> BoxFuture<'a, Result<Put, String>> {
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                self.0.put(state, revision).await
-            })
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_replicas_own_concurrent_requests_never_conflict() {
-        let store = Arc::new(MemoryStore::default());
+        let store = Arc::new(TestStore {
+            delay: Duration::from_millis(1),
+            ..TestStore::default()
+        });
         let b = Arc::new(Budget::new(
-            Arc::new(RoundTrip(store.clone())),
+            store.clone(),
             ceiling(600.0),
             Clock::tokio(),
             None,
@@ -817,7 +797,10 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(
-            store.conflicts.load(std::sync::atomic::Ordering::Relaxed),
+            store
+                .inner
+                .conflicts
+                .load(std::sync::atomic::Ordering::Relaxed),
             0,
             "a replica's updates queue behind each other instead of racing"
         );
@@ -879,40 +862,48 @@ mod tests {
         assert!(state.prompt_ratio > 1.0, "{}", state.prompt_ratio);
     }
 
-    /// A store whose next `failing` writes fail (a KV outage).
+    /// A store in memory that takes `delay` per operation, like a KV round trip, and whose
+    /// next `failing` writes fail (a KV outage).
     #[derive(Debug, Default)]
-    struct Outage {
+    struct TestStore {
         inner: MemoryStore,
+        delay: Duration,
         failing: std::sync::atomic::AtomicU32,
     }
 
-    impl BudgetStore for Outage {
+    impl BudgetStore for TestStore {
         fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
-            self.inner.load()
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                self.inner.load().await
+            })
         }
         fn put<'a>(
             &'a self,
             state: &'a FleetState,
             revision: Option<u64>,
         ) -> BoxFuture<'a, Result<Put, String>> {
-            let down = self
-                .failing
-                .fetch_update(
-                    std::sync::atomic::Ordering::SeqCst,
-                    std::sync::atomic::Ordering::SeqCst,
-                    |n| n.checked_sub(1),
-                )
-                .is_ok();
-            if down {
-                return Box::pin(async { Err("no responders".to_string()) });
-            }
-            self.inner.put(state, revision)
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                let down = self
+                    .failing
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok();
+                if down {
+                    return Err("no responders".to_string());
+                }
+                self.inner.put(state, revision).await
+            })
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_429_that_could_not_be_written_is_written_when_the_store_is_back() {
-        let store = Arc::new(Outage::default());
+        let store = Arc::new(TestStore::default());
         let b = Arc::new(Budget::new(
             store.clone(),
             ceiling(6000.0),

@@ -57,6 +57,20 @@ pub async fn migrate(env: &BTreeMap<String, String>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// Runs the writer binary until it exits (one that refuses to start).
+async fn run_writer(env: &BTreeMap<String, String>) -> Result<std::process::Output> {
+    let env = env.clone();
+    tokio::task::spawn_blocking(move || {
+        Command::new(bins::bin("writer")?)
+            .env_clear()
+            .envs(&env)
+            .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+            .output()
+            .map_err(anyhow::Error::from)
+    })
+    .await?
+}
+
 fn start(
     env: &BTreeMap<String, String>,
 ) -> Result<(
@@ -174,18 +188,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     let db = TestDb::new().await?;
     let e = env(&t, &db.url);
     // Not migrated: the writer refuses and says how to fix it.
-    let out = tokio::task::spawn_blocking({
-        let e = e.clone();
-        move || {
-            Command::new(bins::bin("writer")?)
-                .env_clear()
-                .envs(&e)
-                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
-                .output()
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await??;
+    let out = run_writer(&e).await?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -244,18 +247,7 @@ async fn migrations_apply_once_and_the_writer_runs_on_newer_additive_ones_only()
     assert_eq!(cost, "0.000006000000");
     // One that is not additive: refused, naming it.
     db.connect().await?.batch_execute("INSERT INTO tardis_schema_migrations (version, name, checksum) VALUES (99, 'future', 'x')").await?;
-    let out = tokio::task::spawn_blocking({
-        let e = e.clone();
-        move || {
-            Command::new(bins::bin("writer")?)
-                .env_clear()
-                .envs(&e)
-                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
-                .output()
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await??;
+    let out = run_writer(&e).await?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -1090,18 +1082,7 @@ async fn the_optional_roles_get_their_privileges_only_and_log_in_with_the_secret
             "REVOKE TEMPORARY ON DATABASE \"{dbname}\" FROM PUBLIC, tardis_writer"
         ))
         .await?;
-    let out = tokio::task::spawn_blocking({
-        let e = as_writer.clone();
-        move || {
-            Command::new(bins::bin("writer")?)
-                .env_clear()
-                .envs(&e)
-                .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
-                .output()
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await??;
+    let out = run_writer(&as_writer).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
