@@ -85,6 +85,19 @@ impl Captured {
     }
 }
 
+/// A process a test did not stop (it failed, returned early, or just dropped it) is killed
+/// and reaped: no worker outlives its test.
+impl Drop for Captured {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait()
+            && self.child.kill().is_ok()
+        {
+            // Reaped; an error here has nothing left to stop.
+            self.child.wait().ok();
+        }
+    }
+}
+
 /// A random lowercase suffix for names (8 hex digits).
 pub fn unique_suffix() -> String {
     format!("{:08x}", rand::rng().random::<u32>())
