@@ -85,6 +85,9 @@ pub struct Loop {
     pub crash_after_commit: bool,
     /// Faults injected by tests ([`Faults::none`] in production).
     pub faults: std::sync::Arc<Faults>,
+    /// Whether the loop's next batch of records tries a `COPY` straight into `records`
+    /// ([`crate::store::Path::after`]); starts with the merge.
+    pub copy_next: std::sync::atomic::AtomicBool,
 }
 
 impl Loop {

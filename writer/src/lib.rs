@@ -16,7 +16,8 @@
 //!
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
 //! * [`store`]: the SQL (binary `COPY` into a staging table and one merge per batch, newest
-//!   version wins, monotonic checkpoint);
+//!   version wins, or a `COPY` straight into `records` when the batch's keys are all new;
+//!   monotonic checkpoint), with the money columns' binary `numeric` in `numeric`;
 //! * [`consume`]: the batch loops (pull, write, ack or hand back), with the batch's
 //!   transaction in `write`, the SQLSTATE classes in `failure` (pure), the `+WPI` heartbeat in
 //!   `heartbeat`, and what cannot be written (newer, unreadable, refused) in `refuse`.
@@ -29,6 +30,7 @@ mod failure;
 mod heartbeat;
 pub mod metrics;
 pub mod migrate;
+mod numeric;
 mod refuse;
 pub mod roles;
 pub mod store;
@@ -285,6 +287,7 @@ async fn run_inner(
                 pg_ready: pg_ready.clone(),
                 crash_after_commit: config.crash_after_commit,
                 faults: faults.clone(),
+                copy_next: Default::default(),
             };
             loops.spawn(l.run(shutdown.clone()).in_current_span());
         }

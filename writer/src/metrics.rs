@@ -10,6 +10,7 @@ pub struct WriterMetrics {
     pub rows: IntCounterVec,
     pub batch_messages: HistogramVec,
     pub commit_seconds: HistogramVec,
+    pub record_batches: IntCounterVec,
     pub checkpoint_timestamp: GaugeVec,
     pub checkpoint_written: GaugeVec,
     pub failures: IntCounterVec,
@@ -48,6 +49,16 @@ impl WriterMetrics {
                     )
                     .buckets(exponential_buckets(0.001, 2.0, 14)?),
                     &["consumer"],
+                )?,
+            )?,
+            record_batches: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tardis_writer_record_batches_total",
+                        "Batches of records committed, by path: copy (a binary COPY straight into records, every key new) or merge (staged, then merged: newest version wins)",
+                    ),
+                    &["path"],
                 )?,
             )?,
             checkpoint_timestamp: reg(

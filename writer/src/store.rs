@@ -1,6 +1,7 @@
 //! The SQL of the writer: records staged with a binary `COPY` into a temporary table and
 //! merged into `records` with one `INSERT … SELECT … ON CONFLICT` per batch (newest version
-//! wins), checkpoint advanced monotonically — all inside the caller's transaction.
+//! wins), or, when every key of the batch is new, `COPY`ed straight into `records`;
+//! checkpoint advanced monotonically — all inside the caller's transaction.
 //!
 //! Versions of a record are ordered by `(updated_at, fetched_at)`: a newer one replaces the
 //! row only when its content or its `updated_at` differs, so a replay, or the same record
@@ -21,6 +22,18 @@
 //! its columns ([`STAGE_COLUMNS`]): change them, change the name, so a session a pooler keeps
 //! across an upgrade never offers a writer a table of another shape. The writer needs the `TEMPORARY` privilege on the
 //! database (PUBLIC has it unless revoked; `writer migrate` with `TARDIS_DB_ROLES` grants it).
+//!
+//! The `COPY` path ([`Path::Copy`]): a batch of keys `records` does not hold yet (a first
+//! load, a backfill) needs no merge — every row is an insert — so it is `COPY`ed straight in,
+//! which saves the staging and costs what the `COPY` it is measured against costs. Whether the
+//! keys are new is not asked (that would be a probe per row): a loop tries the `COPY` after a
+//! batch whose keys were all new ([`Path::after`]; the merge counts its inserts), inside a
+//! savepoint, and when a key is there (`23505`, also one another loop or writer committed
+//! meanwhile: the `COPY` waits for it like the merge would) the `COPY` is rolled back to the
+//! savepoint and the batch merged. Correctness rests on the primary key, not on the guess; a
+//! wrong guess costs one batch's `COPY`. Both paths store the same values: the money columns
+//! are `numeric`, sent as Postgres's own `float8 → numeric` cast makes them
+//! (the `numeric` module), and `written_at` is the transaction's `now()` either way.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -31,7 +44,10 @@ use sha2::{Digest, Sha256};
 use tardis_common::messages::{Cursor, DeadLetter, EnrichedChunk, EnrichedRecord, FetchRun};
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+use crate::numeric::Numeric;
 
 /// One row of `records`, borrowed from the chunk that brought it.
 #[derive(Debug, Clone)]
@@ -215,24 +231,73 @@ const MERGE: &str = "WITH written AS (
           AND (EXCLUDED.enrichment IS DISTINCT FROM r.enrichment
             OR EXCLUDED.prompt_version IS DISTINCT FROM r.prompt_version
             OR EXCLUDED.model IS DISTINCT FROM r.model))
-    RETURNING source)
-    SELECT source, count(*) FROM written GROUP BY source";
+    RETURNING source, r.xmax = 0 AS inserted)
+    SELECT source, count(*), count(*) FILTER (WHERE inserted) FROM written GROUP BY source";
 
-/// Stages `rows` with a binary `COPY` and merges them into `records`; returns rows changed
-/// per source.
-async fn merge_records(
-    tx: &Transaction<'_>,
-    rows: &[RecordRow<'_>],
-) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
-    tx.batch_execute(CREATE_STAGE).await?;
+/// How a batch's records went into `records`, and how the next batch should.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// A binary `COPY` straight into `records`: only for keys not there yet.
+    Copy,
+    /// Staged, then merged (newest version wins).
+    Merge,
+}
+
+impl Path {
+    /// The `path` label of `tardis_writer_record_batches_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::Copy => "copy",
+            Path::Merge => "merge",
+        }
+    }
+
+    /// The path for the batch after one whose keys were all new (`true`) or not: a batch of
+    /// new keys is most likely followed by more (a backfill, a first load), a batch that met
+    /// existing rows by more of those (a re-fetch, updates). Only a cost: a `COPY` that meets
+    /// an existing key is rolled back and the batch merged.
+    pub fn after(all_new: bool) -> Path {
+        if all_new { Path::Copy } else { Path::Merge }
+    }
+}
+
+/// What [`write_records`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Rows inserted or changed, per source (every source of the batch, 0 when none).
+    pub changed: HashMap<String, u64>,
+    /// Whether every row's key was new to `records` (and so the next batch may try a `COPY`).
+    pub all_new: bool,
+    /// The path that wrote the rows: [`Path::Merge`] also when a `COPY` met an existing key.
+    pub path: Path,
+}
+
+/// The columns of the rows in `COPY` order, for the staging table and for `records` alike.
+fn copy_statement(table: &str) -> String {
     let columns: Vec<&str> = STAGE_COLUMNS.iter().map(|(c, _)| *c).collect();
-    let types: Vec<Type> = STAGE_COLUMNS.iter().map(|(_, t)| t.clone()).collect();
-    let sink = tx
-        .copy_in(&format!(
-            "COPY pg_temp.tardis_records_stage_v1 ({}) FROM STDIN BINARY",
-            columns.join(", ")
-        ))
-        .await?;
+    format!("COPY {table} ({}) FROM STDIN BINARY", columns.join(", "))
+}
+
+/// Sends `rows` with a binary `COPY` into `table`; `money` is the type of `cost_usd` and
+/// `saved_usd` there (`float8` in the staging table, `numeric` in `records`).
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    table: &str,
+    money: Type,
+    rows: &[RecordRow<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let types: Vec<Type> = STAGE_COLUMNS
+        .iter()
+        .map(|(_, t)| {
+            if *t == Type::FLOAT8 {
+                money.clone()
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let numeric = money == Type::NUMERIC;
+    let sink = tx.copy_in(&copy_statement(table)).await?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures_util::pin_mut!(writer);
     for row in rows {
@@ -241,6 +306,7 @@ async fn merge_records(
             r.usage.prompt_tokens as i64,
             r.usage.completion_tokens as i64,
         );
+        let (cost, saved) = (Numeric(r.usage.cost_usd), Numeric(r.saved_usd));
         let values: [&(dyn ToSql + Sync); 16] = [
             &c.source,
             &r.id,
@@ -252,36 +318,97 @@ async fn merge_records(
             &r.updated_at,
             &pt,
             &ct,
-            &r.usage.cost_usd,
+            if numeric { &cost } else { &r.usage.cost_usd },
             &c.fetched_at,
             &r.enriched_at,
             &r.content_key,
             &r.reused,
-            &r.saved_usd,
+            if numeric { &saved } else { &r.saved_usd },
         ];
         writer.as_mut().write(&values).await?;
     }
     writer.finish().await?;
-    let mut changed = HashMap::new();
-    for row in tx.query(MERGE, &[]).await? {
-        *changed.entry(row.get::<_, String>(0)).or_default() += row.get::<_, i64>(1) as u64;
-    }
-    Ok(changed)
+    Ok(())
 }
 
-/// Upserts `rows` and advances the checkpoints; returns rows changed per source.
+/// Stages `rows` with a binary `COPY` and merges them into `records`.
+async fn merge_records(
+    tx: &Transaction<'_>,
+    rows: &[RecordRow<'_>],
+) -> Result<Written, tokio_postgres::Error> {
+    tx.batch_execute(CREATE_STAGE).await?;
+    copy_rows(tx, "pg_temp.tardis_records_stage_v1", Type::FLOAT8, rows).await?;
+    let mut changed = HashMap::new();
+    let mut inserted = 0u64;
+    for row in tx.query(MERGE, &[]).await? {
+        *changed.entry(row.get::<_, String>(0)).or_default() += row.get::<_, i64>(1) as u64;
+        inserted += row.get::<_, i64>(2) as u64;
+    }
+    Ok(Written {
+        changed,
+        all_new: inserted == rows.len() as u64,
+        path: Path::Merge,
+    })
+}
+
+/// `COPY`s `rows` straight into `records`, inside a savepoint: when one of their keys is
+/// there already (a unique violation, also one committed meanwhile by another loop) the
+/// `COPY` is rolled back and `Ok(None)` says to merge them instead.
+async fn copy_records(
+    tx: &Transaction<'_>,
+    rows: &[RecordRow<'_>],
+) -> Result<Option<Written>, tokio_postgres::Error> {
+    tx.batch_execute("SAVEPOINT tardis_copy").await?;
+    match copy_rows(tx, "records", Type::NUMERIC, rows).await {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT tardis_copy").await?;
+            let mut changed: HashMap<String, u64> = HashMap::new();
+            for row in rows {
+                *changed.entry(row.source().to_string()).or_default() += 1;
+            }
+            Ok(Some(Written {
+                changed,
+                all_new: true,
+                path: Path::Copy,
+            }))
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT tardis_copy")
+                .await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `rows` by `path` and advances the checkpoints; says what changed and how.
 pub async fn write_records(
     tx: &Transaction<'_>,
     rows: &[RecordRow<'_>],
     cursors: &HashMap<String, (Cursor, (DateTime<Utc>, String))>,
     sources: &[String],
-) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
-    let mut changed: HashMap<String, u64> = sources.iter().map(|s| (s.clone(), 0)).collect();
-    if !rows.is_empty() {
-        for (source, n) in merge_records(tx, rows).await? {
-            *changed.entry(source).or_default() += n;
+    path: Path,
+) -> Result<Written, tokio_postgres::Error> {
+    let mut written = if rows.is_empty() {
+        Written {
+            changed: HashMap::new(),
+            all_new: true,
+            path,
         }
+    } else {
+        let copied = match path {
+            Path::Copy => copy_records(tx, rows).await?,
+            Path::Merge => None,
+        };
+        match copied {
+            Some(w) => w,
+            None => merge_records(tx, rows).await?,
+        }
+    };
+    for source in sources {
+        written.changed.entry(source.clone()).or_default();
     }
+    let changed = &written.changed;
     for source in sources {
         let n = changed.get(source).copied().unwrap_or(0) as i64;
         let (cursor, at, key) = match cursors.get(source) {
@@ -307,7 +434,7 @@ pub async fn write_records(
         )
         .await?;
     }
-    Ok(changed)
+    Ok(written)
 }
 
 /// Upserts dead letters (one row per stage, source and record; a replay changes nothing).

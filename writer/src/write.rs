@@ -9,7 +9,8 @@ use tracing::{debug, error, warn};
 
 use crate::consume::{Decoded, Kind, Loop};
 use crate::failure::{WriteError, classify};
-use crate::store;
+use crate::store::{self, Path};
+use std::sync::atomic::Ordering;
 
 impl Loop {
     pub(crate) async fn write(
@@ -40,9 +41,15 @@ impl Loop {
                 let mut sources: Vec<String> = chunks.iter().map(|c| c.source.clone()).collect();
                 sources.sort();
                 sources.dedup();
-                let changed = store::write_records(&tx, &rows, &cursors, &sources)
+                let path = if self.copy_next.load(Ordering::Relaxed) {
+                    Path::Copy
+                } else {
+                    Path::Merge
+                };
+                let written = store::write_records(&tx, &rows, &cursors, &sources, path)
                     .await
                     .map_err(classify)?;
+                let changed = &written.changed;
                 // The chunk's dead records, in the same transaction: each record of a chunk
                 // lands in exactly one of the two tables, together.
                 let letters: Vec<DeadLetter> =
@@ -59,6 +66,14 @@ impl Loop {
                     .await
                     .map_err(classify)?;
                 tx.commit().await.map_err(classify)?;
+                self.metrics
+                    .record_batches
+                    .with_label_values(&[written.path.label()])
+                    .inc();
+                self.copy_next.store(
+                    Path::after(written.all_new) == Path::Copy,
+                    Ordering::Relaxed,
+                );
                 for l in &letters {
                     warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");
                 }
@@ -107,7 +122,7 @@ impl Loop {
                         }
                     }
                 }
-                debug!(records = total, messages = batch.len(), "batch committed");
+                debug!(records = total, messages = batch.len(), path = ?written.path, all_new = written.all_new, "batch committed");
             }
             Kind::DeadLetters => {
                 let letters: Vec<DeadLetter> = batch

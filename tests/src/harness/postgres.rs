@@ -161,7 +161,10 @@ impl PostgresServer {
                 "fsync=off".into(),
                 "-c".into(),
                 "full_page_writes=off".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra_settings())
+            .collect(),
             log: self.dir.join("postgres.log"),
             // SIGINT is Postgres's "fast" shutdown; SIGTERM would wait for clients.
             stop_signal: Signal::SIGINT,
@@ -322,4 +325,15 @@ fn replace_dbname(admin_url: &str, db: &str) -> Result<String> {
         .context("DATABASE_URL must be a postgres:// URL for the tests")?;
     url.set_path(&format!("/{db}"));
     Ok(url.to_string())
+}
+
+/// Settings from `TARDIS_TEST_PG_SETTINGS` (`name=value`, whitespace-separated), each passed
+/// as `-c name=value` after the harness's own: for benchmarks and investigations (e.g.
+/// `log_min_duration_statement=0 logging_collector=on log_directory=/tmp/pglog`).
+fn extra_settings() -> Vec<String> {
+    std::env::var("TARDIS_TEST_PG_SETTINGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .flat_map(|s| ["-c".to_string(), s.to_string()])
+        .collect()
 }

@@ -16,3 +16,4 @@ mod pipeline;
 mod postgres;
 mod support;
 mod writer;
+mod writer_copy;

@@ -71,7 +71,7 @@ async fn run_writer(env: &BTreeMap<String, String>) -> Result<std::process::Outp
     .await?
 }
 
-fn start(
+pub(super) fn start(
     env: &BTreeMap<String, String>,
 ) -> Result<(
     CancellationToken,
@@ -82,7 +82,7 @@ fn start(
     Ok((stop.clone(), tokio::spawn(writer::run(config, stop))))
 }
 
-async fn stop(
+pub(super) async fn stop(
     h: (
         CancellationToken,
         tokio::task::JoinHandle<Result<std::process::ExitCode>>,
@@ -97,7 +97,7 @@ async fn stop(
 }
 
 /// An enriched chunk of `records` = (id, updated_at, payload text).
-fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
+pub(super) fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
     let recs: Vec<EnrichedRecord> = records
         .iter()
         .map(|(id, t, text)| EnrichedRecord {
@@ -154,7 +154,7 @@ fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChunk {
 }
 
 /// Publishes `c` with a fresh `Nats-Msg-Id` (a replay JetStream does not de-duplicate).
-async fn publish(t: &TestNats, c: &EnrichedChunk) -> Result<()> {
+pub(super) async fn publish(t: &TestNats, c: &EnrichedChunk) -> Result<()> {
     Topology::new(t.names(), Default::default())
         .provision(&t.jetstream(), &[StreamKind::Enriched], &[], false)
         .await?;
@@ -548,12 +548,18 @@ async fn a_writer_killed_between_commit_and_ack_loses_and_duplicates_nothing() -
         .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
         .env("WRITER_TEST_CRASH_AFTER_COMMIT", "true")
         .env("WRITER_BATCH_MESSAGES", "2");
-    let crashing = Captured::spawn(cmd)?;
-    let status = tokio::task::spawn_blocking(move || {
-        let mut c = crashing;
-        c.child.wait().map(|s| (s, c.output()))
-    })
-    .await??;
+    let mut crashing = Captured::spawn(cmd)?;
+    // Bounded: a writer whose hook does not fire fails the test (and is killed with it).
+    let exit = wait_for(
+        "the writer to abort after its first commit",
+        Duration::from_secs(60),
+        || {
+            let exited = crashing.child.try_wait();
+            async move { Ok(exited?) }
+        },
+    )
+    .await?;
+    let status = (exit, crashing.output());
     assert!(
         !status.0.success(),
         "the hook aborts the writer: {}",
@@ -746,7 +752,7 @@ fn untimed_chunk(n: u64, text: &str, fetched_at: DateTime<Utc>) -> EnrichedChunk
 }
 
 /// Waits until the writer consumed everything in the enriched stream.
-async fn drained(t: &TestNats) -> Result<()> {
+pub(super) async fn drained(t: &TestNats) -> Result<()> {
     wait_for(
         "the enriched stream to drain",
         Duration::from_secs(30),
