@@ -18,6 +18,7 @@ pub mod budget;
 pub mod config;
 pub mod enrich;
 pub mod fleet;
+mod fleet_store;
 pub mod llm;
 pub mod metrics;
 pub mod outcome;
