@@ -313,3 +313,50 @@ async fn the_daily_budget_pauses_the_fleet_and_a_larger_one_resumes_it_without_l
     assert_eq!(distinct, 400);
     Ok(())
 }
+
+/// The reuse lookup of a chunk must cost a probe of the primary key per record, whatever the
+/// size of `records`: on a table of tens of thousands of rows the planner's cost model picked
+/// a hash join over a scan of the whole table, once per chunk (20 ms per chunk at 50,000 rows,
+/// growing with the table, against ≈ 3 ms of probes).
+#[tokio::test]
+async fn the_reuse_lookup_probes_the_primary_key_whatever_the_tables_size() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    migrate(&super::writer::env(&t, &db.url)).await?;
+    let client = db.connect().await?;
+    let ids: Vec<String> = (0..1000).map(|i| (i * 37).to_string()).collect();
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    // Analyzed at 1,000 and 50,000 rows, and 20,000 rows the statistics still call empty.
+    for (rows, analyze) in [(1_000, true), (50_000, true), (20_000, false)] {
+        if !analyze {
+            client
+                .batch_execute("TRUNCATE records; ANALYZE records")
+                .await?;
+        }
+        client
+            .batch_execute(&format!(
+                "TRUNCATE records;
+                 INSERT INTO records (source, record_id, payload, enrichment, model, prompt_version,
+                     content_hash, fetched_at, enriched_at, content_key)
+                 SELECT 's', i::text, jsonb_build_object('id', i, 'text', repeat('x', 200)),
+                     '{{\"category\": \"c\"}}', 'm', 'v1', md5(i::text), now(), now(), 'k' || i
+                 FROM generate_series(1, {rows}) i;
+                 {}",
+                if analyze { "ANALYZE records" } else { "" }
+            ))
+            .await?;
+        let plan: String = client
+            .query_one(
+                &format!("EXPLAIN (FORMAT JSON) {}", fetcher::checkpoint::PRIORS),
+                &[&"s", &ids, &keys],
+            )
+            .await?
+            .get::<_, Value>(0)
+            .to_string();
+        assert!(
+            !plan.contains("\"Seq Scan\"") && plan.contains("records_pkey"),
+            "with {rows} rows in records (analyzed: {analyze}) the lookup scans the table: {plan}"
+        );
+    }
+    Ok(())
+}
