@@ -213,4 +213,3 @@ impl BudgetStore for MemoryStore {
         Box::pin(async move { Ok(result) })
     }
 }
-

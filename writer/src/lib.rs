@@ -186,6 +186,7 @@ async fn run_inner(
         .in_current_span(),
     );
     // The schema must be the one this build knows; wait for Postgres if it is not up yet.
+    let copy_allowed: bool;
     match connect_with_retry(&pool, &config, &shutdown).await {
         Ok(client) => {
             match migrate::check(&client).await? {
@@ -211,6 +212,14 @@ async fn run_inner(
                 anyhow::bail!(
                     "the writer's database user may not create temporary tables, which the writer stages records in: \
                      GRANT TEMPORARY ON DATABASE <db> TO <user> (`writer migrate` with TARDIS_DB_ROLES=true grants it to tardis_writer)"
+                );
+            }
+            copy_allowed = store::copy_fits(&client)
+                .await
+                .context("reading the types of records' columns")?;
+            if !copy_allowed {
+                tracing::warn!(
+                    "records' columns are not of the types this writer sends with COPY: every batch is merged (correct, slower); upgrade the writer"
                 );
             }
         }
@@ -287,6 +296,7 @@ async fn run_inner(
                 pg_ready: pg_ready.clone(),
                 crash_after_commit: config.crash_after_commit,
                 faults: faults.clone(),
+                copy_allowed,
                 copy_next: Default::default(),
             };
             loops.spawn(l.run(shutdown.clone()).in_current_span());

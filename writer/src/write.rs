@@ -41,7 +41,7 @@ impl Loop {
                 let mut sources: Vec<String> = chunks.iter().map(|c| c.source.clone()).collect();
                 sources.sort();
                 sources.dedup();
-                let path = if self.copy_next.load(Ordering::Relaxed) {
+                let path = if self.copy_allowed && self.copy_next.load(Ordering::Relaxed) {
                     Path::Copy
                 } else {
                     Path::Merge
@@ -66,14 +66,17 @@ impl Loop {
                     .await
                     .map_err(classify)?;
                 tx.commit().await.map_err(classify)?;
-                self.metrics
-                    .record_batches
-                    .with_label_values(&[written.path.label()])
-                    .inc();
-                self.copy_next.store(
-                    Path::after(written.all_new) == Path::Copy,
-                    Ordering::Relaxed,
-                );
+                // A batch without records (all of them dead) says nothing about the keys.
+                if !rows.is_empty() {
+                    self.metrics
+                        .record_batches
+                        .with_label_values(&[written.path.label()])
+                        .inc();
+                    self.copy_next.store(
+                        Path::after(written.all_new) == Path::Copy,
+                        Ordering::Relaxed,
+                    );
+                }
                 for l in &letters {
                     warn!(source = %l.source, stage = l.stage.as_str(), record_id = %l.record.id, reason = %l.reason, "dead letter recorded");
                 }

@@ -18,8 +18,13 @@ use crate::harness::{TestDb, TestNats};
 
 /// Costs whose `numeric(20, 12)` values the two paths must agree on: binary fractions that
 /// are not decimals, 15-digit rounding, ties at the 12th decimal, tiny and large values.
-const COSTS: [f64; 14] = [
+const COSTS: [f64; 18] = [
     0.0,
+    -0.0,
+    // A tie at the 16th significant digit: `%.15g` rounds it half to even (…240620).
+    1_000.000_244_140_625,
+    -5e-13,
+    5e-324,
     0.000_025,
     0.1 + 0.2,
     1.0 / 3.0,
@@ -35,7 +40,7 @@ const COSTS: [f64; 14] = [
     7e-300,
 ];
 
-/// A chunk of `source` with a record per id, the i-th costing `COSTS[i % 14]`.
+/// A chunk of `source` with a record per id, the i-th costing `COSTS[i % COSTS.len()]`.
 fn chunk(source: &str, ids: &[u32], text: &str, updated_at: DateTime<Utc>) -> EnrichedChunk {
     let records: Vec<EnrichedRecord> = ids
         .iter()
@@ -153,14 +158,17 @@ async fn a_batch_of_new_keys_copied_straight_in_stores_exactly_what_the_merge_st
             .get(0);
         assert_eq!(got, expected, "cost {cost:e}");
     }
+    // `written_at` is the transaction's `now()`, as the checkpoint's `updated_at` is.
     let written_at_is_the_transactions: bool = client
         .query_one(
-            "SELECT bool_and(written_at > now() - interval '1 minute') FROM records",
+            "SELECT bool_and(r.written_at = c.updated_at)
+               FROM records r JOIN source_checkpoints c USING (source)",
             &[],
         )
         .await?
         .get(0);
     assert!(written_at_is_the_transactions);
+    assert!(store::copy_fits(&client).await?);
 
     // A value the column cannot hold is the same error either way.
     for (source, path) in [("c", Path::Copy), ("d", Path::Merge)] {
@@ -175,6 +183,11 @@ async fn a_batch_of_new_keys_copied_straight_in_stores_exactly_what_the_merge_st
             "{path:?}: {e}"
         );
     }
+    // A column of another type than the COPY sends (a later migration's): no COPY path.
+    client
+        .batch_execute("ALTER TABLE records ALTER COLUMN completion_tokens TYPE numeric")
+        .await?;
+    assert!(!store::copy_fits(&client).await?);
     Ok(())
 }
 
@@ -232,6 +245,22 @@ async fn a_copy_that_meets_an_existing_key_is_rolled_back_and_the_batch_merged()
             .map(|(id, text)| (id.to_string(), text.to_string()))
             .collect();
     assert_eq!(texts, expected);
+    // A larger batch (streamed in several frames) whose only existing key sorts last: the
+    // rows COPYed before the conflict are rolled back with it, then merged once.
+    let many: Vec<u32> = (1000..1600).chain([5]).collect();
+    let large = write(
+        &mut client,
+        &chunk("s", &many, "newest", later + chrono::Duration::seconds(1)),
+        Path::Copy,
+    )
+    .await?;
+    assert_eq!(large.path, Path::Merge);
+    assert_eq!(large.changed, HashMap::from([("s".to_string(), 601)]));
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM records WHERE source = 's'", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 5 + 600);
     // Keys all new again: the next batch may COPY.
     let fresh = write(&mut client, &chunk("s", &[6, 7], "new", later), Path::Merge).await?;
     assert!(fresh.all_new);
@@ -245,7 +274,7 @@ async fn a_copy_that_meets_an_existing_key_is_rolled_back_and_the_batch_merged()
         .get(0);
     assert_eq!(
         checkpoint,
-        3 + 3 + 2,
+        3 + 3 + 601 + 2,
         "the checkpoint counts what was written, once"
     );
     Ok(())
@@ -283,11 +312,25 @@ async fn two_copies_of_one_new_key_at_once_land_it_once() -> Result<()> {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !other.is_finished(),
-        "the second COPY waits on the first's key"
-    );
+    // The second session waits on the first's lock.
+    let first_pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let watcher = db.connect().await?;
+    crate::harness::wait_for(
+        "the second COPY to wait on the first's key",
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&first_pid],
+                )
+                .await?
+                .get(0);
+            Ok((waiting > 0).then_some(()))
+        },
+    )
+    .await?;
+    assert!(!other.is_finished());
     tx.commit().await?;
     let second = tokio::time::timeout(Duration::from_secs(10), other).await???;
     assert_eq!(second.path, Path::Merge);
