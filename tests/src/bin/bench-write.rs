@@ -1,11 +1,16 @@
 //! Benchmark: the writer's rows/s for N enriched records, beside a plain `COPY` of the same
 //! rows into the same Postgres in the same run.
 //!
-//! `cargo run --release -p tardis-tests --bin bench-write -- [N] [RUNS]` (default 100000, 3)
+//! `cargo run --release -p tardis-tests --bin bench-write -- [N] [RUNS] [KEYS]` (default
+//! 100000, 3, `new`)
 //!
 //! Publishes N enriched records (chunks of 1000) to a fresh enriched stream, migrates a fresh
 //! database, runs one `writer` (release build, a real process) and times it until every row
-//! is in `records`. Then COPYs the same rows (binary format) into a table of the same shape
+//! is in `records`. KEYS says what the timed pass meets: `new` keys (a first load: batches go
+//! straight in with a `COPY` after the first), or rows already written by an untimed first
+//! pass — `updated` (every record newer and changed: the merge updates every row) or
+//! `unchanged` (the same records again, a re-fetch: the merge changes nothing); for those the
+//! writer is timed until the stream is empty. Then COPYs the same rows (binary format) into a table of the same shape
 //! and indexes, and prints both rates and their ratio; RUNS times, then the median ratio
 //! (on a shared machine one run's COPY varies by half). `WRITER_*` variables in the
 //! environment reach the writer (`WRITER_CONCURRENCY=1 bench-write` measures one loop).
@@ -21,12 +26,22 @@ use tardis_tests::bench::{conditions, copy_baseline, rows_written};
 use tardis_tests::harness::{Captured, NatsServer, PostgresServer, TestDb, bins, free_port};
 use tokio_util::sync::CancellationToken;
 
-fn record(i: u64, now: chrono::DateTime<chrono::Utc>) -> EnrichedRecord {
+/// What the timed pass meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    New,
+    Updated,
+    Unchanged,
+}
+
+/// Record `i` as fetched in `version` (a later version is an hour newer and says so).
+fn record(i: u64, now: chrono::DateTime<chrono::Utc>, version: i64) -> EnrichedRecord {
+    let now = now + chrono::Duration::hours(version);
     EnrichedRecord {
         id: i.to_string(),
         updated_at: Some(now + chrono::Duration::milliseconds(i as i64)),
         payload: serde_json::value::RawValue::from_string(
-            json!({"id": i, "symbol": "ACME", "price": 12.5 + i as f64 / 100.0, "headline": format!("ACME trades flat, tick {i}")}).to_string(),
+            json!({"id": i, "symbol": "ACME", "price": 12.5 + i as f64 / 100.0, "headline": format!("ACME trades flat, tick {i}, version {version}")}).to_string(),
         )
         .expect("valid JSON"),
         enrichment: json!({"sentiment": "neutral", "category": "market", "summary": "ACME trades flat."}),
@@ -52,9 +67,16 @@ async fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(3);
+    let keys = match std::env::args().nth(3).as_deref() {
+        None | Some("new") => Keys::New,
+        Some("updated") => Keys::Updated,
+        Some("unchanged") => Keys::Unchanged,
+        Some(other) => bail!("KEYS is new, updated or unchanged, not {other:?}"),
+    };
     let nats = NatsServer::start().await?;
     let pg = PostgresServer::start().await?;
     println!("{}", conditions());
+    println!("keys: {keys:?}");
     println!(
         "writer: WRITER_CONCURRENCY {}, WRITER_BATCH_BYTES {}; each run a fresh stream and database",
         std::env::var("WRITER_CONCURRENCY").unwrap_or_else(|_| "default".into()),
@@ -66,7 +88,7 @@ async fn main() -> Result<()> {
     );
     let mut ratios = Vec::new();
     for run in 1..=repeat.max(1) {
-        let (writer_secs, copied, copy_secs) = once(&nats, &pg, n, run).await?;
+        let (writer_secs, copied, copy_secs) = once(&nats, &pg, n, run, keys).await?;
         let (w, c) = (n as f64 / writer_secs, copied as f64 / copy_secs);
         println!(
             "{run:>4}  {n:>10}  {writer_secs:>12.2}  {w:>10.0}  {copy_secs:>12.2}  {:>5.0} %",
@@ -76,7 +98,7 @@ async fn main() -> Result<()> {
     }
     ratios.sort_by(f64::total_cmp);
     println!(
-        "ratio: writer / COPY = {:.0} % (median of {} runs; NATS → stage → merge → checkpoint → commit → ack, end to end, against a bare binary COPY of the same rows)",
+        "ratio: writer / COPY = {:.0} % (median of {} runs; NATS → COPY, or stage and merge → checkpoint → commit → ack, end to end, against a bare binary COPY of the same rows)",
         ratios[ratios.len() / 2] * 100.0,
         ratios.len()
     );
@@ -90,6 +112,7 @@ async fn once(
     pg: &PostgresServer,
     n: u64,
     run: usize,
+    keys: Keys,
 ) -> Result<(f64, u64, f64)> {
     let db = TestDb::on(&pg.admin_url()).await?;
     let prefix = format!("benchwrite{run}");
@@ -99,37 +122,43 @@ async fn once(
         .provision(&js, &[StreamKind::Enriched], &[], false)
         .await?;
     let now = chrono::Utc::now();
-    for (seq, start) in (1..=n).step_by(1000).enumerate() {
-        let records: Vec<EnrichedRecord> = (start..=(start + 999).min(n))
-            .map(|i| record(i, now))
-            .collect();
-        let last = records.last().expect("non-empty");
-        let chunk = EnrichedChunk {
-            schema_version: SCHEMA_VERSION,
-            source: "bench".into(),
-            chunk_id: format!("bench-{seq}"),
-            run_id: "bench".into(),
-            chunk_seq: seq as u64,
-            cursor_after: Some(Cursor::Position {
-                updated_at: last.updated_at.expect("set"),
-                id: last.id.clone(),
-                since: None,
-            }),
-            records,
-            dead: vec![],
-            fetched_at: now,
-            part: None,
-        };
-        publish_durably(
-            &js,
-            &names.enriched_subject("bench"),
-            &chunk.msg_id(),
-            messages::encode(&chunk)?.into(),
-            Duration::from_secs(10),
-            &CancellationToken::new(),
-        )
-        .await?;
-    }
+    let publish = |pass: usize, version: i64| {
+        let (js, names) = (js.clone(), names.clone());
+        async move {
+            for (seq, start) in (1..=n).step_by(1000).enumerate() {
+                let records: Vec<EnrichedRecord> = (start..=(start + 999).min(n))
+                    .map(|i| record(i, now, version))
+                    .collect();
+                let last = records.last().expect("non-empty");
+                let chunk = EnrichedChunk {
+                    schema_version: SCHEMA_VERSION,
+                    source: "bench".into(),
+                    chunk_id: format!("bench-{pass}-{seq}"),
+                    run_id: "bench".into(),
+                    chunk_seq: seq as u64,
+                    cursor_after: Some(Cursor::Position {
+                        updated_at: last.updated_at.expect("set"),
+                        id: last.id.clone(),
+                        since: None,
+                    }),
+                    records,
+                    dead: vec![],
+                    fetched_at: now + chrono::Duration::hours(version),
+                    part: None,
+                };
+                publish_durably(
+                    &js,
+                    &names.enriched_subject("bench"),
+                    &chunk.msg_id(),
+                    messages::encode(&chunk)?.into(),
+                    Duration::from_secs(10),
+                    &CancellationToken::new(),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+    };
     let env = [
         ("NATS_URL", nats.url()),
         ("TARDIS_PREFIX", prefix.clone()),
@@ -150,14 +179,36 @@ async fn once(
         bail!("migrate failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let client = db.connect().await?;
-    let mut cmd = Command::new(bins::bin("writer")?);
-    cmd.env_clear()
-        .envs(env)
-        .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?));
+    let spawn = || -> Result<Captured> {
+        let mut cmd = Command::new(bins::bin("writer")?);
+        cmd.env_clear()
+            .envs(env.iter().cloned())
+            .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?));
+        Captured::spawn(cmd)
+    };
+    let stream = names.stream(StreamKind::Enriched);
+    let left = || {
+        let (js, stream) = (js.clone(), stream.clone());
+        async move { anyhow::Ok(js.get_stream(&stream).await?.info().await?.state.messages) }
+    };
+    if keys != Keys::New {
+        // The untimed first pass: the rows the timed one meets.
+        publish(0, 0).await?;
+        let writer = spawn()?;
+        while rows_written(&client).await? < n as i64 || left().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::task::spawn_blocking(move || writer.terminate()).await??;
+    }
+    publish(1, if keys == Keys::Updated { 1 } else { 0 }).await?;
+    let expected = match keys {
+        Keys::New | Keys::Unchanged => n,
+        Keys::Updated => 2 * n,
+    };
     let started = tokio::time::Instant::now();
-    let writer = Captured::spawn(cmd)?;
+    let writer = spawn()?;
     loop {
-        if rows_written(&client).await? as u64 >= n {
+        if rows_written(&client).await? as u64 >= expected && left().await? == 0 {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
@@ -167,6 +218,10 @@ async fn once(
     }
     let writer_secs = started.elapsed().as_secs_f64();
     tokio::task::spawn_blocking(move || writer.terminate()).await??;
+    let written = rows_written(&client).await? as u64;
+    if written != expected {
+        bail!("{written} rows written (checkpoint), {expected} expected");
+    }
     let rows: i64 = client
         .query_one("SELECT count(*) FROM records", &[])
         .await?
