@@ -19,6 +19,7 @@ pub mod config;
 pub mod enrich;
 pub mod fleet;
 mod fleet_store;
+mod health;
 pub mod llm;
 pub mod metrics;
 pub mod outcome;
