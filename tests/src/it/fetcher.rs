@@ -718,6 +718,24 @@ async fn backfill_fetches_a_window_and_leaves_the_cursor_alone() -> Result<()> {
 
 // ---------------------------------------------------------------- the binary
 
+/// Runs `fetcher <args>` to its end, at most two minutes (then it is killed and the test
+/// fails): its exit status and output.
+async fn run_fetcher(
+    env: &BTreeMap<String, String>,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::new(bins::bin("fetcher")?);
+    cmd.args(args)
+        .env_clear()
+        .envs(env)
+        .env("OPS_ADDR", format!("127.0.0.1:{}", free_port()?))
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("fetcher {args:?} still running after 2 minutes"))?
+        .map_err(anyhow::Error::from)
+}
+
 fn spawn_fetcher(env: &BTreeMap<String, String>, args: &[&str]) -> Result<std::process::Child> {
     Ok(Command::new(bins::bin("fetcher")?)
         .args(args)
@@ -750,15 +768,7 @@ async fn a_failing_source_fails_its_own_run_only() -> Result<()> {
         {"name": "a", "url": format!("{}/a", server.uri()), "auth_type": "bearer"},
         {"name": "b", "url": format!("{}/b", server.uri()), "auth_type": "api_key", "initial_lookback": "3650d"}
     ]);
-    let out = tokio::task::spawn_blocking({
-        let e = env(&t, sources, &[]);
-        move || {
-            spawn_fetcher(&e, &["run"])?
-                .wait_with_output()
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await??;
+    let out = run_fetcher(&env(&t, sources, &[]), &["run"]).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let line_a = stderr
@@ -845,12 +855,7 @@ async fn a_run_killed_mid_way_then_rerun_publishes_every_record_once() -> Result
         || {
             let e = e.clone();
             async move {
-                let out = tokio::task::spawn_blocking(move || {
-                    spawn_fetcher(&e, &["run"])?
-                        .wait_with_output()
-                        .map_err(anyhow::Error::from)
-                })
-                .await??;
+                let out = run_fetcher(&e, &["run"]).await?;
                 let stderr = String::from_utf8_lossy(&out.stderr).to_string();
                 Ok((!stderr.contains("skipped")).then_some((out.status.code(), stderr)))
             }
@@ -907,12 +912,7 @@ async fn the_legacy_configmap_works_against_demo_source() -> Result<()> {
     e.insert("NATS_URL".into(), t.url.clone());
     e.insert("TARDIS_PREFIX".into(), t.prefix.clone());
     e.insert("CHUNK_SIZE".into(), "100".into());
-    let out = tokio::task::spawn_blocking(move || {
-        spawn_fetcher(&e, &["run"])?
-            .wait_with_output()
-            .map_err(anyhow::Error::from)
-    })
-    .await??;
+    let out = run_fetcher(&e, &["run"]).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
