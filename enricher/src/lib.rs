@@ -17,6 +17,7 @@ pub mod batching;
 pub mod budget;
 pub mod config;
 pub mod enrich;
+mod finalize;
 pub mod fleet;
 mod fleet_store;
 mod health;
