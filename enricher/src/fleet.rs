@@ -1,5 +1,5 @@
 //! The fleet's LLM budget over NATS (I/O): the schedule of [`crate::budget`] lives in one
-//! entry of the KV bucket `TARDIS_LLM_BUDGET` (memory storage, history 1), keyed by model and
+//! entry of the KV bucket `TARDIS_LLM_BUDGET` (file storage, history 1), keyed by model and
 //! endpoint, and every replica updates it by compare-and-set. A request costs one small KV
 //! write (its reservation; a request that had to wait for its slot reads the entry again
 //! before it is sent), none per record: a 2xx answer's settlement (its tokens, the

@@ -1,6 +1,6 @@
 //! The health of the LLM endpoint, shared by every batch of the process: the circuit that
-//! opens after three failures in a row (no new work is taken until a request succeeds; `/ready`
-//! says `llm`), and the halt — a refused key, a missing model, answers that are not
+//! opens after three failures in a row (`/ready` says `llm`; no more chunks are pulled while
+//! work is in flight, until a request succeeds), and the halt — a refused key, a missing model, answers that are not
 //! completions — after which the enricher takes no work at all until restarted.
 
 use std::sync::Mutex;

@@ -16,7 +16,7 @@
 //!
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
 //! * [`store`]: the SQL (binary `COPY` into a staging table and one merge per batch, newest
-//!   version wins, or a `COPY` straight into `records` when the batch's keys are all new;
+//!   version wins, or a `COPY` straight into `records` after a batch whose keys were all new;
 //!   monotonic checkpoint), with the money columns' binary `numeric` in `numeric`;
 //! * [`consume`]: the batch loops (pull, write, ack or hand back), with the batch's
 //!   transaction in `write`, the SQLSTATE classes in `failure` (pure), the `+WPI` heartbeat in

@@ -195,7 +195,14 @@ async fn once(
         // The untimed first pass: the rows the timed one meets.
         publish(0, 0).await?;
         let writer = spawn()?;
+        let started = tokio::time::Instant::now();
         while rows_written(&client).await? < n as i64 || left().await? > 0 {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "the first pass not written after 10 minutes:\n{}",
+                    writer.output()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::task::spawn_blocking(move || writer.terminate()).await??;

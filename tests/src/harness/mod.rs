@@ -77,6 +77,27 @@ impl Captured {
         Ok((status.code(), self.output()))
     }
 
+    /// Waits for the process to exit by itself, at most `within` (then an error: the test
+    /// fails, and the process is killed when the handle is dropped); its status and output.
+    pub async fn exited_within(
+        &mut self,
+        within: Duration,
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, self.output()));
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "still running after {within:?} (killed); its output:\n{}",
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL, wait.
     pub fn kill(mut self) -> Result<String> {
         self.child.kill()?;

@@ -61,12 +61,10 @@ async fn workers_started_together_on_a_fresh_cluster_all_provision() -> Result<(
         runs.push(Captured::spawn(cmd)?);
     }
     let mut failures = Vec::new();
-    for run in runs {
-        let (status, output) = tokio::task::spawn_blocking(move || {
-            let mut r = run;
-            r.child.wait().map(|s| (s, r.output()))
-        })
-        .await??;
+    for mut run in runs {
+        let (status, output) = run
+            .exited_within(std::time::Duration::from_secs(120))
+            .await?;
         if !status.success() {
             failures.push(format!("{status}:\n{output}"));
         }
@@ -118,7 +116,7 @@ async fn the_records_streams_leader_killed_mid_run_loses_and_duplicates_nothing(
     // All at once, as a fresh install starts them.
     let writer = spawn("writer", &[], &env)?;
     let enrichers = [spawn("enricher", &[], &env)?, spawn("enricher", &[], &env)?];
-    let fetcher = spawn("fetcher", &["run"], &env)?;
+    let mut fetcher = spawn("fetcher", &["run"], &env)?;
 
     let rows = || async {
         anyhow::Ok(
@@ -157,11 +155,7 @@ async fn the_records_streams_leader_killed_mid_run_loses_and_duplicates_nothing(
 
     // The fetcher's run ends either way; a run that failed on the outage is run again, as its
     // CronJob's backoffLimit does.
-    let (status, output) = tokio::task::spawn_blocking(move || {
-        let mut f = fetcher;
-        f.child.wait().map(|s| (s, f.output()))
-    })
-    .await??;
+    let (status, output) = fetcher.exited_within(Duration::from_secs(300)).await?;
     if !status.success() {
         eprintln!(
             "the fetcher run failed during the outage ({status}); running it again:\n{output}"

@@ -24,12 +24,9 @@ pub(super) fn spawn(name: &str, args: &[&str], env: &BTreeMap<String, String>) -
 }
 
 pub(super) async fn fetch_once(env: &BTreeMap<String, String>) -> Result<String> {
-    let child = spawn("fetcher", &["run"], env)?;
-    let (status, output) = tokio::task::spawn_blocking(move || {
-        let mut c = child;
-        c.child.wait().map(|s| (s, c.output()))
-    })
-    .await??;
+    let (status, output) = spawn("fetcher", &["run"], env)?
+        .exited_within(Duration::from_secs(300))
+        .await?;
     anyhow::ensure!(status.success(), "fetcher run failed:\n{output}");
     Ok(output)
 }
