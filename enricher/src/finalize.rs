@@ -2,9 +2,7 @@
 //! contract): its records' outcomes decided, encoded once and published as one message (or
 //! parts), counted, and only then the chunk acked — or nak'd when a publish failed.
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use chrono::Utc;
 use tardis_common::messages::{EnrichedChunk, RecordChunk};
 use tokio::sync::OwnedSemaphorePermit;
@@ -76,15 +74,7 @@ impl Pipeline {
                 false
             }
         };
-        let result = if ok && self.faults.fail("enricher.ack") {
-            // The ack is lost: the chunk comes back after the ack wait.
-            Ok(())
-        } else if ok {
-            msg.double_ack().await
-        } else {
-            msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                .await
-        };
+        let result = self.ack_or_nak(&msg, ok).await;
         let outcome = if ok { "acked" } else { "nacked" };
         self.metrics
             .chunks

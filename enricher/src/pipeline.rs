@@ -379,17 +379,27 @@ impl Pipeline {
         let source = &letter.source;
         warn!(%source, seq, %reason, "undecodable message dead-lettered");
         let ok = self.publish_letter(&letter).await;
-        let result = if ok && self.faults.fail("enricher.ack") {
+        let result = self.ack_or_nak(msg, ok).await;
+        if let Err(e) = result {
+            warn!(error = %e, "ack of an undecodable message failed");
+        }
+    }
+
+    /// After what a chunk's message led to was published (`published`): acked (a double ack,
+    /// confirmed by the server); otherwise nak'd, back in 5 s.
+    pub(crate) async fn ack_or_nak(
+        &self,
+        msg: &jetstream::Message,
+        published: bool,
+    ) -> Result<(), async_nats::Error> {
+        if published && self.faults.fail("enricher.ack") {
             // The ack is lost: the chunk comes back after the ack wait.
             Ok(())
-        } else if ok {
+        } else if published {
             msg.double_ack().await
         } else {
             msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
                 .await
-        };
-        if let Err(e) = result {
-            warn!(error = %e, "ack of an undecodable message failed");
         }
     }
 

@@ -175,7 +175,7 @@ async fn count(db: &TestDb, sql: &str) -> Result<i64> {
     Ok(db.connect().await?.query_one(sql, &[]).await?.get(0))
 }
 
-async fn wait_rows(db: &TestDb, n: i64, within: Duration) -> Result<()> {
+pub(super) async fn wait_rows(db: &TestDb, n: i64, within: Duration) -> Result<()> {
     wait_for(&format!("{n} rows in records"), within, || async {
         Ok((count(db, "SELECT count(*) FROM records").await? >= n).then_some(()))
     })

@@ -387,16 +387,7 @@ async fn the_writer_copies_after_a_batch_of_new_keys_and_merges_after_one_that_m
         w::publish(&t, c).await?;
     }
     let running = w::start(&e)?;
-    crate::harness::wait_for("three rows", Duration::from_secs(30), || async {
-        let n: i64 = db
-            .connect()
-            .await?
-            .query_one("SELECT count(*) FROM records", &[])
-            .await?
-            .get(0);
-        Ok((n == 3).then_some(()))
-    })
-    .await?;
+    w::wait_rows(&db, 3, Duration::from_secs(30)).await?;
     w::drained(&t).await?;
     // The first batch is merged (a loop starts there), the next two go straight in.
     assert_eq!(
@@ -411,16 +402,7 @@ async fn the_writer_copies_after_a_batch_of_new_keys_and_merges_after_one_that_m
     for c in [&first, &fourth, &fifth] {
         w::publish(&t, c).await?;
     }
-    crate::harness::wait_for("five rows", Duration::from_secs(30), || async {
-        let n: i64 = db
-            .connect()
-            .await?
-            .query_one("SELECT count(*) FROM records", &[])
-            .await?
-            .get(0);
-        Ok((n == 5).then_some(()))
-    })
-    .await?;
+    w::wait_rows(&db, 5, Duration::from_secs(30)).await?;
     w::drained(&t).await?;
     assert_eq!(
         (batches(port, "merge").await?, batches(port, "copy").await?),
