@@ -151,3 +151,25 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker a test forgets (or fails before stopping) must not outlive its handle: the
+    /// writer left running after CI was one such.
+    #[test]
+    fn a_dropped_captured_process_is_killed_and_reaped() -> Result<()> {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600");
+        let captured = Captured::spawn(cmd)?;
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{}", captured.id()));
+        assert!(proc_dir.exists());
+        drop(captured);
+        assert!(
+            !proc_dir.exists(),
+            "the process is still there after its handle was dropped"
+        );
+        Ok(())
+    }
+}
