@@ -215,6 +215,28 @@ impl FleetState {
         Grant { send_at, tokens }
     }
 
+    /// Whether a request at `now` needs no reservation: no rate is in force (none configured,
+    /// announced or cut to after a 429) and the fleet is not paused. Such a request is sent at
+    /// once whatever the schedule says, so it is only counted ([`Self::count_unmetered`]).
+    pub fn unmetered(&self, now: f64, ceiling: &Ceiling) -> bool {
+        let rates = self.rates(ceiling);
+        rates.rpm.is_none() && rates.tpm.is_none() && self.paused_until <= now
+    }
+
+    /// Counts a request sent without a reservation (an unmetered fleet) in the measured rate,
+    /// which is what the fleet cuts from at its first 429.
+    pub fn count_unmetered(&mut self, now: f64, tokens: f64) {
+        self.measure(now, 1.0, tokens);
+    }
+
+    /// Whether `headers` announce a limit this fleet does not run under yet: an unmetered
+    /// fleet must hear of it at once.
+    pub fn announces_new_limit(&self, ceiling: &Ceiling, headers: &RateHeaders) -> bool {
+        let c = self.ceilings(ceiling);
+        (c.rpm.is_none() && headers.limit_requests.and_then(finite).is_some())
+            || (c.tpm.is_none() && headers.limit_tokens.and_then(finite).is_some())
+    }
+
     fn measure(&mut self, now: f64, requests: f64, tokens: f64) {
         let elapsed = now - self.window_start;
         if !(0.0..WINDOW_MS).contains(&elapsed) {
@@ -527,6 +549,43 @@ mod tests {
             &RateHeaders::default(),
         );
         assert!(s.rpm.expect("rate") < probed);
+    }
+
+    #[test]
+    fn an_unlimited_unpaused_fleet_is_unmetered_and_still_measured() {
+        let none = Ceiling::default();
+        let mut s = FleetState::default();
+        assert!(s.unmetered(0.0, &none));
+        assert!(!s.unmetered(0.0, &RPM_240), "a configured limit meters");
+        // Counted requests make the measured rate a 429 cuts from, as reservations do.
+        let mut now = 0.0;
+        for _ in 0..200 {
+            s.count_unmetered(now, 10.0);
+            now += 100.0;
+        }
+        s.throttled(now, now - 100.0, &none, &RateHeaders::default());
+        let rpm = s.rpm.expect("a rate now");
+        assert!((rpm - 600.0 * DECREASE).abs() < 30.0, "{rpm}");
+        assert!(
+            !s.unmetered(now + 2000.0, &none),
+            "cut: metered from now on"
+        );
+        // A pause meters while it lasts.
+        let mut p = FleetState::default();
+        p.pause(0.0, Duration::from_secs(5));
+        assert!(!p.unmetered(4000.0, &none));
+        assert!(p.unmetered(5000.0, &none));
+        // A limit announced by the provider is news to an unmetered fleet only.
+        let announced = RateHeaders {
+            limit_requests: Some(500.0),
+            ..RateHeaders::default()
+        };
+        assert!(p.announces_new_limit(&none, &announced));
+        assert!(!p.announces_new_limit(&RPM_240, &announced));
+        assert!(!p.announces_new_limit(&none, &RateHeaders::default()));
+        p.learn(&announced);
+        assert!(!p.announces_new_limit(&none, &announced));
+        assert!(!p.unmetered(6000.0, &none));
     }
 
     #[test]

@@ -1,14 +1,24 @@
 //! The fleet's LLM budget over NATS (I/O): the schedule of [`crate::budget`] lives in one
 //! entry of the KV bucket `TARDIS_LLM_BUDGET` (file storage, history 1), keyed by model and
-//! endpoint, and every replica updates it by compare-and-set. A request costs one small KV
-//! write (its reservation; a request that had to wait for its slot reads the entry again
-//! before it is sent), none per record: a 2xx answer's settlement (its tokens, the
-//! calibration, the provider's headers) rides on the replica's next update, or is written by
-//! itself after [`DEFER_FOR`] or once [`MAX_DEFERRED`] have piled up; an answer saying a limit
-//! is spent and a 429 are written at once (with the answers waiting before them). Each compare-and-set is a synced JetStream write:
-//! with two per request, and a replica's own concurrent requests racing each other on one
-//! revision, the budget cost nats-server and the enricher more CPU than the records did. A
-//! replica's updates therefore go one at a time.
+//! endpoint, and every replica updates it by compare-and-set.
+//!
+//! * **Metered** (a rate in force — configured, announced by the provider or cut to after a
+//!   429 — or a pause): a request costs one small KV write, its reservation (a request that had
+//!   to wait for its slot reads the entry again before it is sent), none per record.
+//! * **Unmetered** (no limit known, no pause): a request needs no slot. It is sent at once and
+//!   only counted; the count rides on the replica's next write like a settlement. That holds
+//!   while the replica's view of the entry is younger than [`FRESH_FOR`] (else it reads it
+//!   first), so a 429 or a limit announced anywhere meters every replica within that time.
+//!   A 2xx answer that announces a limit the fleet does not run under yet is written at once.
+//! * A 2xx answer's settlement (its tokens, the calibration, the provider's headers) rides on
+//!   the replica's next update, or is written by itself after [`DEFER_FOR`] or once
+//!   [`MAX_DEFERRED`] have piled up; an answer saying a limit is spent and a 429 are written
+//!   at once (with what waits before them).
+//!
+//! Each compare-and-set is a synced JetStream write: with two per request, and a replica's
+//! own concurrent requests racing each other on one revision, the budget cost nats-server
+//! and the enricher more CPU than the records did. A replica's updates therefore go one at a
+//! time.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
 //! unbudgeted); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
@@ -69,8 +79,11 @@ pub enum Answered {
     Other,
 }
 
-/// At most this many 2xx settlements wait for the replica's next update.
-pub const MAX_DEFERRED: usize = 8;
+/// At most this many 2xx settlements and unmetered sends wait for the replica's next update.
+pub const MAX_DEFERRED: usize = 16;
+/// How old a replica's view of the shared state may be for a request to go out unmetered
+/// without reading it again.
+pub const FRESH_FOR: Duration = Duration::from_millis(250);
 /// ... and for no longer than this: then they are written by themselves.
 pub const DEFER_FOR: Duration = Duration::from_secs(2);
 /// How long a settlement waits for this replica's update in progress (a reservation retrying
@@ -78,6 +91,34 @@ pub const DEFER_FOR: Duration = Duration::from_secs(2);
 pub const BEST_EFFORT_WAIT: Duration = Duration::from_secs(1);
 /// Answers kept through failed writes (the newest).
 pub const MAX_KEPT: usize = 64;
+
+/// What waits to be written to the shared state.
+#[derive(Debug, Clone, Copy)]
+enum Deferred {
+    Answer(Settlement),
+    /// A request sent unmetered: counted in the fleet's measured rate.
+    Sent {
+        tokens: f64,
+        at: f64,
+    },
+}
+
+impl Deferred {
+    fn apply(&self, state: &mut FleetState, ceiling: &Ceiling, now: f64) {
+        match self {
+            Self::Answer(s) => s.apply(state, ceiling, now),
+            // Counted in the window in force when written (never before its start).
+            Self::Sent { tokens, .. } => state.count_unmetered(now, *tokens),
+        }
+    }
+
+    fn at(&self) -> f64 {
+        match self {
+            Self::Answer(s) => s.at,
+            Self::Sent { at, .. } => *at,
+        }
+    }
+}
 
 /// An answer not yet written to the shared state.
 #[derive(Debug, Clone, Copy)]
@@ -123,9 +164,10 @@ pub struct Budget {
     store: Arc<dyn BudgetStore>,
     ceiling: Ceiling,
     clock: Clock,
-    cached: Mutex<Option<(FleetState, u64)>>,
-    /// 2xx settlements waiting to ride on the next update (oldest first).
-    deferred: Mutex<Vec<Settlement>>,
+    /// The shared state as last read or written, its revision, and when (clock ms).
+    cached: Mutex<Option<(FleetState, u64, f64)>>,
+    /// 2xx settlements and unmetered sends waiting to ride on the next update (oldest first).
+    deferred: Mutex<Vec<Deferred>>,
     updating: tokio::sync::Mutex<()>,
     /// This replica's grants in the last minute (ms, tokens), for its share.
     mine: Mutex<VecDeque<(f64, f64)>>,
@@ -184,13 +226,14 @@ impl Budget {
         };
         let mut failures = 0u32;
         loop {
+            // Kept while the write is under way, so unmetered requests need not read it.
             let cached = self
                 .cached
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+                .clone();
             let current = match cached {
-                Some(c) => Ok(Some(c)),
+                Some((state, revision, _)) => Ok(Some((state, revision))),
                 None => self.store.load().await,
             };
             let error = match current {
@@ -204,15 +247,17 @@ impl Budget {
                     match self.store.put(&state, revision).await {
                         Ok(Put::Stored(rev)) => {
                             self.observe(&state, now);
-                            *self
-                                .cached
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                                Some((state, rev));
+                            self.remember(state, rev, now);
                             return Some(result);
                         }
-                        Ok(Put::Conflict) => continue,
-                        Err(e) => e,
+                        Ok(Put::Conflict) => {
+                            self.forget();
+                            continue;
+                        }
+                        Err(e) => {
+                            self.forget();
+                            e
+                        }
                     }
                 }
                 Err(e) => e,
@@ -231,18 +276,14 @@ impl Budget {
 
     /// Waits for this request's slot in the fleet's schedule. A slot that a 429 elsewhere
     /// paused the fleet over while this request waited is given up for a new one.
-    pub async fn admit(&self, cost: Cost) -> Grant {
+    pub async fn admit(self: &Arc<Self>, cost: Cost) -> Grant {
         loop {
             let (grant, waited) = self.admit_once(cost).await;
             if waited {
                 // It waited: look at the shared state again before sending.
                 if let Ok(Some((state, revision))) = self.store.load().await {
                     let paused = state.paused_until > grant.send_at + 1.0;
-                    *self
-                        .cached
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some((state, revision));
+                    self.remember(state, revision, self.clock.now_ms());
                     if paused {
                         continue;
                     }
@@ -252,24 +293,28 @@ impl Budget {
         }
     }
 
-    /// Reserves a slot and sleeps until it; whether it had to wait.
-    async fn admit_once(&self, cost: Cost) -> (Grant, bool) {
+    /// Reserves a slot (or, unmetered, none) and sleeps until it; whether it had to wait.
+    async fn admit_once(self: &Arc<Self>, cost: Cost) -> (Grant, bool) {
         let ceiling = self.ceiling;
-        // The settlements waiting here ride on this reservation (one write for both); taken,
-        // so that two updates at once never apply the same settlement twice.
-        let settled = self.take_deferred();
-        let grant = self
-            .update(0, |s, now| {
-                for d in &settled {
-                    d.apply(s, &ceiling, now);
-                }
-                s.reserve(now, &ceiling, cost)
-            })
-            .await
-            .unwrap_or(Grant {
-                send_at: 0.0,
-                tokens: 0.0,
-            });
+        let grant = match self.unmetered(cost).await {
+            Some(grant) => grant,
+            None => {
+                // The settlements waiting here ride on this reservation (one write for both);
+                // taken, so that two updates at once never apply the same settlement twice.
+                let settled = self.take_deferred();
+                self.update(0, |s, now| {
+                    for d in &settled {
+                        d.apply(s, &ceiling, now);
+                    }
+                    s.reserve(now, &ceiling, cost)
+                })
+                .await
+                .unwrap_or(Grant {
+                    send_at: 0.0,
+                    tokens: 0.0,
+                })
+            }
+        };
         let now = self.clock.now_ms();
         {
             let mut mine = self
@@ -297,6 +342,71 @@ impl Budget {
         (grant, wait > 0.0)
     }
 
+    /// A grant without a reservation, when the fleet is unmetered by a view of the shared
+    /// state younger than [`FRESH_FOR`] (read again if older); `None`: reserve a slot. The
+    /// send is counted by the next write (at once if [`MAX_DEFERRED`] are waiting, else after
+    /// [`DEFER_FOR`] at the latest).
+    async fn unmetered(self: &Arc<Self>, cost: Cost) -> Option<Grant> {
+        let now = self.clock.now_ms();
+        let seen = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // A replica's first request is always a reservation: it writes the state if none is.
+        let (state, _, at) = seen?;
+        let state = if now - at < FRESH_FOR.as_secs_f64() * 1000.0 {
+            state
+        } else {
+            // Not readable: reserve, which waits for the store (nothing goes out unbudgeted).
+            let (state, revision) = self.store.load().await.ok()??;
+            self.remember(state.clone(), revision, now);
+            state
+        };
+        if !state.unmetered(now, &self.ceiling) {
+            return None;
+        }
+        let tokens = state.charge(&self.ceiling, cost);
+        self.defer(Deferred::Sent { tokens, at: now });
+        Some(Grant {
+            send_at: now,
+            tokens,
+        })
+    }
+
+    /// Keeps `d` for the next write; writes now (in the background) if enough are waiting, or
+    /// arranges for it to be written after [`DEFER_FOR`] if it is the first.
+    fn defer(self: &Arc<Self>, d: Deferred) {
+        let (due, first) = {
+            let mut deferred = self
+                .deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            deferred.push(d);
+            (deferred.len() >= MAX_DEFERRED, deferred.len() == 1)
+        };
+        if due {
+            let this = self.clone();
+            tokio::spawn(async move { this.write_deferred().await });
+        } else if first {
+            self.write_later();
+        }
+    }
+
+    fn remember(&self, state: FleetState, revision: u64, at: f64) {
+        *self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((state, revision, at));
+    }
+
+    fn forget(&self) {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+
     /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate. A
     /// 2xx is deferred to the next update (see the module docs) unless it is urgent or enough
     /// have waited; a 429 is written at once; anything else changes nothing (the charge
@@ -316,17 +426,25 @@ impl Budget {
             throttled,
             at: now,
         };
+        // A limit announced to a fleet that runs under none must meter it now.
+        let announces = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|(state, _, _)| state.announces_new_limit(&self.ceiling, &headers));
         let (due, first) = {
             let mut deferred = self
                 .deferred
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            deferred.push(settlement);
+            deferred.push(Deferred::Answer(settlement));
             let due = settlement.urgent()
+                || announces
                 || deferred.len() >= MAX_DEFERRED
                 || deferred
                     .first()
-                    .is_some_and(|d| now - d.at >= DEFER_FOR.as_secs_f64() * 1000.0);
+                    .is_some_and(|d| now - d.at() >= DEFER_FOR.as_secs_f64() * 1000.0);
             (due, deferred.len() == 1)
         };
         if due {
@@ -353,10 +471,7 @@ impl Budget {
             .await;
         if done.is_none() {
             // Next time, load afresh.
-            self.cached
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+            self.forget();
             {
                 let mut deferred = self
                     .deferred
@@ -383,7 +498,7 @@ impl Budget {
         });
     }
 
-    fn take_deferred(&self) -> Vec<Settlement> {
+    fn take_deferred(&self) -> Vec<Deferred> {
         std::mem::take(
             &mut *self
                 .deferred
@@ -660,18 +775,22 @@ mod tests {
     }
 
     /// A store in memory that takes `delay` per operation, like a KV round trip, and whose
-    /// next `failing` writes fail (a KV outage).
+    /// next `failing` writes fail (a KV outage); while `down`, every operation fails.
     #[derive(Debug, Default)]
     struct TestStore {
         inner: MemoryStore,
         delay: Duration,
         failing: std::sync::atomic::AtomicU32,
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl BudgetStore for TestStore {
         fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
             Box::pin(async move {
                 tokio::time::sleep(self.delay).await;
+                if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("no responders".to_string());
+                }
                 self.inner.load().await
             })
         }
@@ -689,7 +808,8 @@ mod tests {
                         std::sync::atomic::Ordering::SeqCst,
                         |n| n.checked_sub(1),
                     )
-                    .is_ok();
+                    .is_ok()
+                    || self.down.load(std::sync::atomic::Ordering::SeqCst);
                 if down {
                     return Err("no responders".to_string());
                 }
@@ -755,6 +875,123 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    const OK: Answered = Answered::Ok {
+        usage: Some((200, 10)),
+        headers: RateHeaders {
+            retry_after: None,
+            limit_requests: None,
+            limit_tokens: None,
+            remaining_requests: None,
+            remaining_tokens: None,
+            reset_requests: None,
+            reset_tokens: None,
+        },
+    };
+
+    fn unmetered(store: Arc<dyn BudgetStore>) -> Arc<Budget> {
+        Arc::new(Budget::new(store, Ceiling::default(), Clock::tokio(), None))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unmetered_fleet_writes_per_batch_of_requests_and_counts_every_one() {
+        let store = Arc::new(MemoryStore::default());
+        let b = unmetered(store.clone());
+        for _ in 0..100 {
+            let g = b.admit(COST).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            b.answered(COST, g, OK).await;
+        }
+        let writes = store.load().await.unwrap().unwrap().1;
+        // The first request's reservation, then one write per MAX_DEFERRED sends and answers.
+        assert!(
+            writes <= 1 + 200 / MAX_DEFERRED as u64 + 1,
+            "{writes} writes for 100 requests"
+        );
+        tokio::time::sleep(DEFER_FOR + Duration::from_millis(10)).await;
+        let (state, _) = store.load().await.unwrap().unwrap();
+        assert_eq!(
+            state.window_requests, 100.0,
+            "every request counted in the fleet's measured rate"
+        );
+        assert!(
+            state.prompt_ratio > 1.2,
+            "and calibrated: {}",
+            state.prompt_ratio
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_elsewhere_meters_an_unmetered_replica_within_fresh_for() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let (a, b) = (unmetered(store.clone()), unmetered(store.clone()));
+        let g = a.admit(COST).await;
+        b.admit(COST).await;
+        a.answered(
+            COST,
+            g,
+            Answered::Throttled(RateHeaders {
+                retry_after: Some(Duration::from_secs(5)),
+                ..RateHeaders::default()
+            }),
+        )
+        .await;
+        // B's view may be as old as FRESH_FOR; no older.
+        tokio::time::sleep(FRESH_FOR).await;
+        let started = tokio::time::Instant::now();
+        b.admit(COST).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(4990) - FRESH_FOR,
+            "sent after {:?}, inside the pause",
+            started.elapsed()
+        );
+        assert!(store.load().await.unwrap().unwrap().0.rpm.is_some(), "cut");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_announced_to_an_unmetered_replica_meters_the_fleet_at_once() {
+        let store = Arc::new(MemoryStore::default());
+        let b = unmetered(store.clone());
+        let g = b.admit(COST).await;
+        b.answered(
+            COST,
+            g,
+            Answered::Ok {
+                usage: Some((100, 10)),
+                headers: RateHeaders {
+                    limit_requests: Some(600.0),
+                    ..RateHeaders::default()
+                },
+            },
+        )
+        .await;
+        let (state, revision) = store.load().await.unwrap().unwrap();
+        assert_eq!(state.learned_rpm, Some(600.0), "written at once");
+        // From now on each request reserves its slot.
+        b.admit(COST).await;
+        b.admit(COST).await;
+        assert_eq!(store.load().await.unwrap().unwrap().1, revision + 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unmetered_replica_that_cannot_read_the_state_sends_nothing() {
+        let store = Arc::new(TestStore::default());
+        let b = unmetered(store.clone());
+        b.admit(COST).await;
+        store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(FRESH_FOR).await;
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.admit(COST).await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiting.is_finished(), "sent without a view of the budget");
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("sent once the store is back")
+            .unwrap();
     }
 
     #[test]
