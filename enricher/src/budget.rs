@@ -137,7 +137,9 @@ impl Default for FleetState {
 /// A reservation: when to send, and the tokens charged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Grant {
-    /// Wall-clock ms at which the request may be sent.
+    /// Wall-clock ms at which the request may be sent. Unmetered (no reservation, see
+    /// `fleet`): the time of the view of the state it was decided on, at or before its send —
+    /// so a 429 to it counts as sent before any rate cut that view did not show.
     pub send_at: f64,
     pub tokens: f64,
 }

@@ -21,7 +21,7 @@
 //! time.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
-//! unbudgeted); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
+//! unbudgeted, nor unmetered on a view older than [`FRESH_FOR`]); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
 //! behind a reservation of this replica's), then they wait for the next update or another try
 //! [`DEFER_FOR`] later (at most [`MAX_KEPT`] of them, the newest); those still waiting when the
 //! process exits are lost.
@@ -81,11 +81,11 @@ pub enum Answered {
 
 /// At most this many 2xx settlements and unmetered sends wait for the replica's next update.
 pub const MAX_DEFERRED: usize = 16;
-/// How old a replica's view of the shared state may be for a request to go out unmetered
-/// without reading it again.
-pub const FRESH_FOR: Duration = Duration::from_millis(250);
-/// ... and for no longer than this: then they are written by themselves.
+/// ... and 2xx settlements for no longer than this: then they are written by themselves.
 pub const DEFER_FOR: Duration = Duration::from_secs(2);
+/// How old a replica's view of the shared state may be for a request to go out unmetered
+/// without reading it again; also the longest an unmetered send waits to be counted.
+pub const FRESH_FOR: Duration = Duration::from_millis(250);
 /// How long a settlement waits for this replica's update in progress (a reservation retrying
 /// through a KV outage) before it gives up for now.
 pub const BEST_EFFORT_WAIT: Duration = Duration::from_secs(1);
@@ -159,13 +159,22 @@ impl Settlement {
     }
 }
 
+/// A replica's view of the shared state.
+#[derive(Debug, Default)]
+struct View {
+    /// The state as last read or written, its revision, and when (clock ms).
+    seen: Option<(FleetState, u64, f64)>,
+    /// Reads of an older revision are ignored: a read that began before this replica's own
+    /// write (or before it learned its view was out of date) must not bring the old one back.
+    floor: u64,
+}
+
 /// One replica's handle on the fleet's budget.
 pub struct Budget {
     store: Arc<dyn BudgetStore>,
     ceiling: Ceiling,
     clock: Clock,
-    /// The shared state as last read or written, its revision, and when (clock ms).
-    cached: Mutex<Option<(FleetState, u64, f64)>>,
+    cached: Mutex<View>,
     /// 2xx settlements and unmetered sends waiting to ride on the next update (oldest first).
     deferred: Mutex<Vec<Deferred>>,
     updating: tokio::sync::Mutex<()>,
@@ -194,7 +203,7 @@ impl Budget {
             store,
             ceiling,
             clock,
-            cached: Mutex::new(None),
+            cached: Mutex::new(View::default()),
             deferred: Mutex::new(Vec::new()),
             updating: tokio::sync::Mutex::new(()),
             mine: Mutex::new(VecDeque::new()),
@@ -225,17 +234,21 @@ impl Budget {
             }
         };
         let mut failures = 0u32;
+        let mut reload = false;
         loop {
-            // Kept while the write is under way, so unmetered requests need not read it.
-            let cached = self
-                .cached
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            let current = match cached {
+            // The view is kept while the write is under way, so unmetered requests need not
+            // read the state meanwhile.
+            let current = match self.seen().filter(|_| !reload) {
                 Some((state, revision, _)) => Ok(Some((state, revision))),
-                None => self.store.load().await,
+                None => {
+                    let loaded = self.store.load().await;
+                    if let Ok(Some((state, revision))) = &loaded {
+                        self.remember(state.clone(), *revision, self.clock.now_ms(), false);
+                    }
+                    loaded
+                }
             };
+            reload = false;
             let error = match current {
                 Ok(current) => {
                     let (mut state, revision) = match current {
@@ -247,11 +260,11 @@ impl Budget {
                     match self.store.put(&state, revision).await {
                         Ok(Put::Stored(rev)) => {
                             self.observe(&state, now);
-                            self.remember(state, rev, now);
+                            self.remember(state, rev, now, true);
                             return Some(result);
                         }
                         Ok(Put::Conflict) => {
-                            self.forget();
+                            reload = true;
                             continue;
                         }
                         Err(e) => {
@@ -283,7 +296,7 @@ impl Budget {
                 // It waited: look at the shared state again before sending.
                 if let Ok(Some((state, revision))) = self.store.load().await {
                     let paused = state.paused_until > grant.send_at + 1.0;
-                    self.remember(state, revision, self.clock.now_ms());
+                    self.remember(state, revision, self.clock.now_ms(), false);
                     if paused {
                         continue;
                     }
@@ -343,68 +356,95 @@ impl Budget {
     }
 
     /// A grant without a reservation, when the fleet is unmetered by a view of the shared
-    /// state younger than [`FRESH_FOR`] (read again if older); `None`: reserve a slot. The
-    /// send is counted by the next write (at once if [`MAX_DEFERRED`] are waiting, else after
-    /// [`DEFER_FOR`] at the latest).
+    /// state younger than [`FRESH_FOR`] (read again if older); `None`: reserve a slot (a
+    /// configured limit, a view that says metered, no view, or a read that failed). The send
+    /// is counted by the next write, within [`FRESH_FOR`]. The grant's `send_at` is the time
+    /// of the view it was decided on: a 429 to it cannot cut a rate cut after that view.
     async fn unmetered(self: &Arc<Self>, cost: Cost) -> Option<Grant> {
+        if self.ceiling.rpm.is_some() || self.ceiling.tpm.is_some() {
+            return None;
+        }
         let now = self.clock.now_ms();
-        let seen = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
         // A replica's first request is always a reservation: it writes the state if none is.
-        let (state, _, at) = seen?;
-        let state = if now - at < FRESH_FOR.as_secs_f64() * 1000.0 {
-            state
-        } else {
-            // Not readable: reserve, which waits for the store (nothing goes out unbudgeted).
-            let (state, revision) = self.store.load().await.ok()??;
-            self.remember(state.clone(), revision, now);
-            state
-        };
+        let (mut state, _, mut at) = self.seen()?;
+        // Metered stays metered (a rate once in force never goes back to none; a pause is
+        // waited out on the schedule): no read for it.
         if !state.unmetered(now, &self.ceiling) {
             return None;
+        }
+        if now - at >= FRESH_FOR.as_secs_f64() * 1000.0 {
+            // Not readable: reserve, which waits for the store (nothing goes out on an old view).
+            let (loaded, revision) = self.store.load().await.ok()??;
+            if !self.remember(loaded.clone(), revision, now, false) {
+                return None;
+            }
+            (state, at) = (loaded, now);
+            if !state.unmetered(now, &self.ceiling) {
+                return None;
+            }
         }
         let tokens = state.charge(&self.ceiling, cost);
         self.defer(Deferred::Sent { tokens, at: now });
         Some(Grant {
-            send_at: now,
+            send_at: at,
             tokens,
         })
     }
 
-    /// Keeps `d` for the next write; writes now (in the background) if enough are waiting, or
-    /// arranges for it to be written after [`DEFER_FOR`] if it is the first.
-    fn defer(self: &Arc<Self>, d: Deferred) {
-        let (due, first) = {
+    /// Keeps an unmetered send for the next write: at once (in the background) if
+    /// [`MAX_DEFERRED`] are waiting, else within [`FRESH_FOR`], so the fleet's measured rate
+    /// (what its first 429 cuts from) is never behind by more.
+    fn defer(self: &Arc<Self>, sent: Deferred) {
+        let (due, first_sent) = {
             let mut deferred = self
                 .deferred
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            deferred.push(d);
-            (deferred.len() >= MAX_DEFERRED, deferred.len() == 1)
+            let first_sent = !deferred.iter().any(|d| matches!(d, Deferred::Sent { .. }));
+            deferred.push(sent);
+            (deferred.len() >= MAX_DEFERRED, first_sent)
         };
         if due {
             let this = self.clone();
             tokio::spawn(async move { this.write_deferred().await });
-        } else if first {
-            self.write_later();
+        } else if first_sent {
+            self.write_later(FRESH_FOR);
         }
     }
 
-    fn remember(&self, state: FleetState, revision: u64, at: f64) {
-        *self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((state, revision, at));
-    }
-
-    fn forget(&self) {
+    fn seen(&self) -> Option<(FleetState, u64, f64)> {
         self.cached
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+            .seen
+            .clone()
+    }
+
+    /// Takes `state` at `revision` as the view: always when this replica `wrote` it, else
+    /// only if it is no older than what the replica knows of; whether it was taken.
+    fn remember(&self, state: FleetState, revision: u64, at: f64, wrote: bool) -> bool {
+        let mut view = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !wrote && revision < view.floor {
+            return false;
+        }
+        view.floor = revision;
+        view.seen = Some((state, revision, at));
+        true
+    }
+
+    /// Drops the view, and any read of its revision still under way: until something newer is
+    /// read or written, this replica's requests reserve (they are metered).
+    fn forget(&self) {
+        let mut view = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, revision, _)) = view.seen.take() {
+            view.floor = view.floor.max(revision + 1);
+        }
     }
 
     /// Reports how a granted request ended: settles tokens, calibrates, adapts the rate. A
@@ -428,11 +468,10 @@ impl Budget {
         };
         // A limit announced to a fleet that runs under none must meter it now.
         let announces = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|(state, _, _)| state.announces_new_limit(&self.ceiling, &headers));
+            .seen()
+            .map(|(state, _, _)| state)
+            .unwrap_or_default()
+            .announces_new_limit(&self.ceiling, &headers);
         let (due, first) = {
             let mut deferred = self
                 .deferred
@@ -447,10 +486,15 @@ impl Budget {
                     .is_some_and(|d| now - d.at() >= DEFER_FOR.as_secs_f64() * 1000.0);
             (due, deferred.len() == 1)
         };
+        if settlement.urgent() || announces {
+            // This replica's own requests must not go out unmetered on its view until the
+            // write lands: they reserve (behind it) from now on.
+            self.forget();
+        }
         if due {
             self.write_deferred().await;
         } else if first {
-            self.write_later();
+            self.write_later(DEFER_FOR);
         }
     }
 
@@ -483,15 +527,16 @@ impl Budget {
                 kept.drain(..excess);
                 *deferred = kept;
             }
-            self.write_later();
+            self.write_later(DEFER_FOR);
         }
     }
 
-    /// Writes what is still waiting after [`DEFER_FOR`] (a replica gone idle, a failed write).
-    fn write_later(self: &Arc<Self>) {
+    /// Writes what is still waiting after `delay` (a replica gone idle, a failed write,
+    /// unmetered sends).
+    fn write_later(self: &Arc<Self>, delay: Duration) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            tokio::time::sleep(DEFER_FOR).await;
+            tokio::time::sleep(delay).await;
             if let Some(this) = this.upgrade() {
                 this.write_deferred().await;
             }
@@ -782,11 +827,13 @@ mod tests {
         delay: Duration,
         failing: std::sync::atomic::AtomicU32,
         down: std::sync::atomic::AtomicBool,
+        loads: std::sync::atomic::AtomicU32,
     }
 
     impl BudgetStore for TestStore {
         fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
             Box::pin(async move {
+                self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(self.delay).await;
                 if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err("no responders".to_string());
@@ -909,7 +956,8 @@ mod tests {
             writes <= 1 + 200 / MAX_DEFERRED as u64 + 1,
             "{writes} writes for 100 requests"
         );
-        tokio::time::sleep(DEFER_FOR + Duration::from_millis(10)).await;
+        // Sends are counted within FRESH_FOR.
+        tokio::time::sleep(FRESH_FOR + Duration::from_millis(10)).await;
         let (state, _) = store.load().await.unwrap().unwrap();
         assert_eq!(
             state.window_requests, 100.0,
@@ -992,6 +1040,73 @@ mod tests {
             .await
             .expect("sent once the store is back")
             .unwrap();
+    }
+
+    fn throttled(secs: u64) -> Answered {
+        Answered::Throttled(RateHeaders {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..RateHeaders::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replicas_own_429_meters_it_before_the_write_lands() {
+        // Every store operation takes 50 ms, so the 429's write is under way while the
+        // replica's next request asks for a slot.
+        let store = Arc::new(TestStore {
+            delay: Duration::from_millis(50),
+            ..TestStore::default()
+        });
+        let b = unmetered(store.clone());
+        let g = b.admit(COST).await;
+        let answering = tokio::spawn({
+            let b = b.clone();
+            async move { b.answered(COST, g, throttled(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = tokio::time::Instant::now();
+        b.admit(COST).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(4900),
+            "sent after {:?}, inside its own 429's pause",
+            started.elapsed()
+        );
+        answering.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_to_a_send_decided_before_the_cut_does_not_cut_again() {
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::default());
+        let (a, b) = (unmetered(store.clone()), unmetered(store.clone()));
+        let g = a.admit(COST).await;
+        b.admit(COST).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.answered(COST, g, throttled(1)).await;
+        let cut = store.load().await.unwrap().unwrap().0.rpm.expect("cut");
+        // B's view (150 ms old) is from before the cut: its send is unmetered, and the 429
+        // it gets belongs to the same overload.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let late = b.admit(COST).await;
+        b.answered(COST, late, throttled(1)).await;
+        assert_eq!(store.load().await.unwrap().unwrap().0.rpm, Some(cut));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_metered_replica_reads_nothing_besides_its_writes() {
+        let store = Arc::new(TestStore::default());
+        let b = Arc::new(Budget::new(
+            store.clone(),
+            ceiling(6000.0),
+            Clock::tokio(),
+            None,
+        ));
+        for _ in 0..10 {
+            let g = b.admit(COST).await;
+            b.answered(COST, g, OK).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // The first reservation reads what is there; the rest write on their own revision.
+        assert_eq!(store.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl EnrichMetrics {
                 registry,
                 Gauge::with_opts(Opts::new(
                     "tardis_llm_budget_booked_seconds",
-                    "How far ahead the fleet's budget is booked at this replica's last request: above zero, the provider's limits (not the replica count) bound throughput",
+                    "How far ahead the fleet's budget is booked, as of this replica's last write to it: above zero, the provider's limits (not the replica count) bound throughput",
                 ))?,
             )?,
             halted: reg(
