@@ -84,7 +84,7 @@ struct Counters {
     peak_window_requests: u64,
     /// Completion tokens served in the last minute (prompt tokens are in `window`).
     completions: VecDeque<(tokio::time::Instant, u64)>,
-    last_request: Option<Value>,
+    last_request: Option<Arc<Value>>,
 }
 
 /// Server state.
@@ -136,7 +136,7 @@ impl Mock {
             "records_received": c.calls_per_record.values().sum::<u64>(),
             "distinct_records": c.calls_per_record.len(),
             "records_sent_again": c.calls_per_record.values().map(|n| n - 1).sum::<u64>(),
-            "last_request": c.last_request,
+            "last_request": c.last_request.as_deref(),
         })
     }
 }
@@ -255,13 +255,22 @@ pub fn good_answer(request: &Value) -> Value {
 /// The `(id, record)` pairs of a user message: `{"<id>": <record>, ...}` (the protocol), or
 /// the older `{"records": [{"id", "record"}, ...]}`.
 pub fn input_records(input: &Value) -> Vec<(Value, Value)> {
+    record_refs(input)
+        .into_iter()
+        .map(|(id, record)| (id, record.clone()))
+        .collect()
+}
+
+/// [`input_records`] without copying the records.
+fn record_refs(input: &Value) -> Vec<(Value, &Value)> {
+    static NULL: Value = Value::Null;
     if let Some(list) = input.get("records").and_then(Value::as_array) {
         return list
             .iter()
             .map(|r| {
                 (
                     r.get("id").cloned().unwrap_or(Value::Null),
-                    r.get("record").cloned().unwrap_or(Value::Null),
+                    r.get("record").unwrap_or(&NULL),
                 )
             })
             .collect();
@@ -271,7 +280,7 @@ pub fn input_records(input: &Value) -> Vec<(Value, Value)> {
         .map(|records| {
             records
                 .iter()
-                .map(|(id, record)| (Value::String(id.clone()), record.clone()))
+                .map(|(id, record)| (Value::String(id.clone()), record))
                 .collect()
         })
         .unwrap_or_default()
@@ -294,6 +303,7 @@ async fn completions(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    let body = Arc::new(body);
     let config = mock.config();
     if let Some(key) = &config.api_key {
         let ok = headers
@@ -317,11 +327,10 @@ async fn completions(
         .and_then(Value::as_str)
         .unwrap_or("mock")
         .to_string();
-    let messages = body
+    let messages: &[Value] = body
         .get("messages")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+        .map_or(&[], Vec::as_slice);
     let prompt_text: String = messages
         .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_str))
@@ -349,7 +358,9 @@ async fn completions(
             "invalid_request_error",
         );
     };
-    let records = input_records(&input);
+    let records = record_refs(&input);
+    // Each record's JSON, once: counted, hashed, searched for the poison.
+    let record_texts: Vec<String> = records.iter().map(|(_, r)| r.to_string()).collect();
     let prompt_tokens = tokens(&prompt_text);
 
     // Count, rate-limit, and pick this request's faults.
@@ -395,15 +406,14 @@ async fn completions(
         } else {
             c.window.push_back((now, prompt_tokens));
             c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
-            for (id, record) in &records {
+            for ((id, _), content) in records.iter().zip(&record_texts) {
                 let id = id
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| id.to_string());
                 *c.calls_per_id.entry(id).or_default() += 1;
-                let content = record.to_string();
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&content, &mut h);
+                std::hash::Hash::hash(content, &mut h);
                 *c.calls_per_record
                     .entry(std::hash::Hasher::finish(&h))
                     .or_default() += 1;
@@ -462,32 +472,30 @@ async fn completions(
     }
     let mut results: Vec<Value> = records
         .iter()
-        .map(|(id, record)| {
-            let (id, record) = (id.clone(), record.clone());
-            let calls = {
-                let key = id
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| id.to_string());
-                mock.counters
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .calls_per_id
-                    .get(&key)
-                    .copied()
-                    .unwrap_or(0)
-            };
-            let poisoned = config
-                .poison
-                .as_deref()
-                .is_some_and(|p| record.to_string().contains(p))
-                && config.poison_calls.is_none_or(|n| calls <= n);
+        .zip(&record_texts)
+        .map(|((id, record), text)| {
+            let poisoned = config.poison.as_deref().is_some_and(|p| text.contains(p))
+                && config.poison_calls.is_none_or(|n| {
+                    let key = id
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| id.to_string());
+                    let calls = mock
+                        .counters
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .calls_per_id
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(0);
+                    calls <= n
+                });
             let mut e = if poisoned {
                 json!({"sentiment": "ecstatic", "category": 7})
             } else {
-                enrich(&record)
+                enrich(record)
             };
-            e["id"] = id;
+            e["id"] = id.clone();
             e
         })
         .collect();
@@ -500,7 +508,7 @@ async fn completions(
         results.push(e);
     }
     let result_chars: usize = results.iter().map(|r| r.to_string().len()).sum();
-    let record_chars: usize = records.iter().map(|(_, r)| r.to_string().len()).sum();
+    let record_chars: usize = record_texts.iter().map(String::len).sum();
     let mut content = json!({"results": results}).to_string();
     let mut finish = "stop";
     if roll(n, 4, config.invalid_json_rate) {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod enrich;
 mod finalize;
 pub mod fleet;
+mod fleet_pending;
 mod fleet_store;
 mod health;
 pub mod llm;
