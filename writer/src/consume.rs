@@ -85,10 +85,10 @@ pub struct Loop {
     pub crash_after_commit: bool,
     /// Faults injected by tests ([`Faults::none`] in production).
     pub faults: std::sync::Arc<Faults>,
-    /// Whether `records` takes the `COPY` path's types ([`crate::store::copy_fits`]).
+    /// Whether `records` takes the `COPY` path's types ([`crate::records::copy_fits`]).
     pub copy_allowed: bool,
     /// Whether the loop's next batch of records tries a `COPY` straight into `records`
-    /// ([`crate::store::Path::after`]); starts with the merge.
+    /// ([`crate::records::Path::after`]); starts with the merge.
     pub copy_next: std::sync::atomic::AtomicBool,
 }
 

@@ -15,9 +15,10 @@
 //!   wait (15 s), and a redelivered message is logged with its delivery number.
 //!
 //! * [`migrate`]: embedded, versioned migrations (`writer migrate`), the schema check;
-//! * [`store`]: the SQL (binary `COPY` into a staging table and one merge per batch, newest
-//!   version wins, or a `COPY` straight into `records` after a batch whose keys were all new;
-//!   monotonic checkpoint), with the money columns' binary `numeric` in `numeric`;
+//! * [`records`]: the records' SQL (binary `COPY` into a staging table and one merge per
+//!   batch, newest version wins, or a `COPY` straight into `records` after a batch whose keys
+//!   were all new; monotonic checkpoint), with the money columns' binary `numeric` in
+//!   `numeric`; [`store`]: the rest of the SQL (dead letters, runs, checkpoints' order);
 //! * [`consume`]: the batch loops (pull, write, ack or hand back), with the batch's
 //!   transaction in `write`, the SQLSTATE classes in `failure` (pure), the `+WPI` heartbeat in
 //!   `heartbeat`, and what cannot be written (newer, unreadable, refused) in `refuse`.
@@ -31,6 +32,7 @@ mod heartbeat;
 pub mod metrics;
 pub mod migrate;
 mod numeric;
+pub mod records;
 mod refuse;
 pub mod roles;
 pub mod store;
@@ -198,7 +200,7 @@ async fn run_inner(
                     "the schema is newer than this writer, by additive migrations only: running (upgrade the writer when you can)"
                 ),
             }
-            // Records are staged in a temporary table (`store`): without the privilege every
+            // Records are staged in a temporary table (`records`): without the privilege every
             // batch would fail, so say so now.
             let temp: bool = client
                 .query_one(
