@@ -24,7 +24,7 @@
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
 //! unbudgeted, nor unmetered on a view older than [`FRESH_FOR`]); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
 //! behind a reservation of this replica's), then they wait for the next update or another try
-//! [`DEFER_FOR`] later (at most [`MAX_KEPT`] of them, the newest); those still waiting when the
+//! [`DEFER_FOR`] later (at most [`MAX_KEPT`] of them: the oldest dropped first, answers that hold the replica last); those still waiting when the
 //! process exits are lost.
 
 use std::collections::VecDeque;
@@ -361,13 +361,15 @@ impl Budget {
     }
 
     /// Takes `state` at `revision` as the view: always when this replica `wrote` it, else
-    /// only if it is no older than what the replica knows of; whether it was taken.
+    /// only if it is no older than what the replica knows of and no answer of its own that
+    /// ends the unmetered fleet is waiting to be written (a read begun before it came must
+    /// not let a request out unmetered); whether it was taken.
     fn remember(&self, state: FleetState, revision: u64, at: f64, wrote: bool) -> bool {
         let mut view = self
             .cached
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !wrote && revision < view.floor {
+        if !wrote && (revision < view.floor || view.held > 0) {
             return false;
         }
         view.floor = revision;
@@ -390,11 +392,14 @@ impl Budget {
     /// An answer that ends the fleet's being unmetered is waiting: this replica's requests
     /// reserve until it is written ([`Self::release`]), whatever is read or written meanwhile.
     fn hold(&self) {
-        self.forget();
-        self.cached
+        let mut view = self
+            .cached
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .held += 1;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, revision, _)) = view.seen.take() {
+            view.floor = view.floor.max(revision + 1);
+        }
+        view.held += 1;
     }
 
     /// `n` held answers were written (or dropped).
@@ -485,7 +490,13 @@ impl Budget {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let mut kept = settled;
                 kept.append(&mut deferred);
-                let excess = kept.len().saturating_sub(MAX_KEPT);
+                // The oldest go first, answers that hold the replica last.
+                let mut excess = kept.len().saturating_sub(MAX_KEPT);
+                kept.retain(|d| {
+                    let drop = excess > 0 && !d.holds();
+                    excess -= usize::from(drop);
+                    !drop
+                });
                 let dropped = holds(&kept[..excess]);
                 kept.drain(..excess);
                 *deferred = kept;

@@ -515,6 +515,82 @@ async fn a_write_landing_after_a_replicas_own_429_does_not_unmeter_it() {
     answering.await.unwrap();
 }
 
+/// Another replica's handle on a [`TestStore`]'s state, without its delay.
+#[derive(Debug)]
+struct Beside(Arc<TestStore>);
+
+impl BudgetStore for Beside {
+    fn load(&self) -> BoxFuture<'_, Result<Option<(FleetState, u64)>, String>> {
+        self.0.inner.load()
+    }
+    fn put<'a>(
+        &'a self,
+        state: &'a FleetState,
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Put, String>> {
+        self.0.inner.put(state, revision)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_under_way_when_a_replicas_own_429_comes_does_not_unmeter_it() {
+    let store = Arc::new(TestStore {
+        delay: Duration::from_millis(50),
+        ..TestStore::default()
+    });
+    let b = unmetered(store.clone());
+    let a = unmetered(Arc::new(Beside(store.clone())));
+    let g = b.admit(COST).await;
+    // B's view is old: its next request reads the state first (50 ms).
+    tokio::time::sleep(FRESH_FOR + Duration::from_millis(10)).await;
+    let started = tokio::time::Instant::now();
+    let reading = tokio::spawn({
+        let b = b.clone();
+        async move { b.admit(COST).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // B's 429 comes while that read is under way...
+    let answering = tokio::spawn({
+        let b = b.clone();
+        async move { b.answered(COST, g, throttled(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // ...and A writes a newer state that does not know of it, which the read returns.
+    a.admit(COST).await;
+    reading.await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(4800),
+        "sent after {:?}, inside its own 429's pause",
+        started.elapsed()
+    );
+    answering.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_kept_through_an_outage_outlives_the_answers_after_it() {
+    let store = Arc::new(TestStore::default());
+    let b = Arc::new(Budget::new(
+        store.clone(),
+        ceiling(6000.0),
+        Clock::tokio(),
+        None,
+    ));
+    let g = b.admit(COST).await;
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    b.answered(COST, g, throttled(30)).await;
+    // More answers than are kept through failed writes come after it.
+    for _ in 0..2 * MAX_KEPT {
+        b.answered(COST, g, OK).await;
+    }
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(DEFER_FOR + Duration::from_millis(10)).await;
+    let state = store.inner.load().await.unwrap().unwrap().0;
+    assert!(
+        state.paused_until > 0.0,
+        "the 429 was dropped, not the 2xx answers"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_metered_by_a_cut_reads_nothing_besides_its_writes() {
     let store = Arc::new(TestStore::default());

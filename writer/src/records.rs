@@ -1,4 +1,4 @@
-//! The SQL of the writer: records staged with a binary `COPY` into a temporary table and
+//! The records' SQL: staged with a binary `COPY` into a temporary table and
 //! merged into `records` with one `INSERT … SELECT … ON CONFLICT` per batch (newest version
 //! wins), or, when every key of the batch is new, `COPY`ed straight into `records`;
 //! checkpoint advanced monotonically — all inside the caller's transaction.
