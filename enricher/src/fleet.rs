@@ -22,10 +22,11 @@
 //! time.
 //!
 //! If the bucket cannot be reached, [`Budget::admit`] waits and retries (no request goes out
-//! unbudgeted, nor unmetered on a view older than [`FRESH_FOR`]); writing answers is best effort: three tries (and at most [`BEST_EFFORT_WAIT`]
-//! behind a reservation of this replica's), then they wait for the next update or another try
-//! [`DEFER_FOR`] later (at most [`MAX_KEPT`] of them: the oldest dropped first, answers that hold the replica last); those still waiting when the
-//! process exits are lost.
+//! unbudgeted, nor unmetered on a view older than [`FRESH_FOR`]); writing answers is best
+//! effort: three tries (and at most [`BEST_EFFORT_WAIT`] behind a reservation of this
+//! replica's), then they wait for the next update or another try [`DEFER_FOR`] later (at most
+//! [`MAX_KEPT`] of them: the oldest dropped first, answers that hold the replica last); those
+//! still waiting when the process exits are lost.
 
 use std::collections::VecDeque;
 use std::fmt;
