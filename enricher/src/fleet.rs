@@ -79,7 +79,8 @@ pub const FRESH_FOR: Duration = Duration::from_millis(250);
 /// How long a settlement waits for this replica's update in progress (a reservation retrying
 /// through a KV outage) before it gives up for now.
 pub const BEST_EFFORT_WAIT: Duration = Duration::from_secs(1);
-/// Answers kept through failed writes (the newest).
+/// Answers and sends kept through failed writes: the oldest dropped first, answers that hold
+/// the replica last.
 pub const MAX_KEPT: usize = 64;
 
 /// A replica's view of the shared state.
@@ -491,6 +492,8 @@ impl Budget {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let mut kept = settled;
                 kept.append(&mut deferred);
+                // Oldest first, whichever failed write put them back.
+                kept.sort_by(|a, b| a.at().total_cmp(&b.at()));
                 // The oldest go first, answers that hold the replica last.
                 let mut excess = kept.len().saturating_sub(MAX_KEPT);
                 kept.retain(|d| {
