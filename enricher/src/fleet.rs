@@ -96,6 +96,15 @@ struct View {
     held: u32,
 }
 
+impl View {
+    /// Drops what was seen, and any read of its revision still under way.
+    fn drop_seen(&mut self) {
+        if let Some((_, revision, _)) = self.seen.take() {
+            self.floor = self.floor.max(revision + 1);
+        }
+    }
+}
+
 /// One replica's handle on the fleet's budget.
 pub struct Budget {
     store: Arc<dyn BudgetStore>,
@@ -300,10 +309,7 @@ impl Budget {
         // A replica's first request is always a reservation: it writes the state if none is;
         // and one whose own answer ended the unmetered fleet reserves until that is written.
         let (mut state, _, mut at) = {
-            let view = self
-                .cached
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = self.view();
             if view.held > 0 {
                 return None;
             }
@@ -355,11 +361,7 @@ impl Budget {
     }
 
     fn seen(&self) -> Option<(FleetState, u64, f64)> {
-        self.cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .seen
-            .clone()
+        self.view().seen.clone()
     }
 
     /// Takes `state` at `revision` as the view: always when this replica `wrote` it, else
@@ -367,10 +369,7 @@ impl Budget {
     /// ends the unmetered fleet is waiting to be written (a read begun before it came must
     /// not let a request out unmetered); whether it was taken.
     fn remember(&self, state: FleetState, revision: u64, at: f64, wrote: bool) -> bool {
-        let mut view = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut view = self.view();
         if !wrote && (revision < view.floor || view.held > 0) {
             return false;
         }
@@ -379,37 +378,29 @@ impl Budget {
         true
     }
 
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Drops the view, and any read of its revision still under way: until something newer is
     /// read or written, this replica's requests reserve (they are metered).
     fn forget(&self) {
-        let mut view = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, revision, _)) = view.seen.take() {
-            view.floor = view.floor.max(revision + 1);
-        }
+        self.view().drop_seen();
     }
 
     /// An answer that ends the fleet's being unmetered is waiting: this replica's requests
     /// reserve until it is written ([`Self::release`]), whatever is read or written meanwhile.
     fn hold(&self) {
-        let mut view = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, revision, _)) = view.seen.take() {
-            view.floor = view.floor.max(revision + 1);
-        }
+        let mut view = self.view();
+        view.drop_seen();
         view.held += 1;
     }
 
     /// `n` held answers were written (or dropped).
     fn release(&self, n: u32) {
-        let mut view = self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut view = self.view();
         view.held = view.held.saturating_sub(n);
     }
 
