@@ -460,6 +460,22 @@ fn throttled(secs: u64) -> Answered {
     })
 }
 
+fn answer_in_background(b: &Arc<Budget>, g: Grant, how: Answered) -> tokio::task::JoinHandle<()> {
+    let b = b.clone();
+    tokio::spawn(async move { b.answered(COST, g, how).await })
+}
+
+/// `b`'s next request waits at least `wait`, inside its own 429's pause.
+async fn admitted_no_sooner_than(b: &Arc<Budget>, wait: Duration) {
+    let started = tokio::time::Instant::now();
+    b.admit(COST).await;
+    assert!(
+        started.elapsed() >= wait,
+        "sent after {:?}, inside its own 429's pause",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replicas_own_429_meters_it_before_the_write_lands() {
     // Every store operation takes 50 ms, so the 429's write is under way while the
@@ -470,18 +486,9 @@ async fn a_replicas_own_429_meters_it_before_the_write_lands() {
     });
     let b = unmetered(store.clone());
     let g = b.admit(COST).await;
-    let answering = tokio::spawn({
-        let b = b.clone();
-        async move { b.answered(COST, g, throttled(5)).await }
-    });
+    let answering = answer_in_background(&b, g, throttled(5));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let started = tokio::time::Instant::now();
-    b.admit(COST).await;
-    assert!(
-        started.elapsed() >= Duration::from_millis(4900),
-        "sent after {:?}, inside its own 429's pause",
-        started.elapsed()
-    );
+    admitted_no_sooner_than(&b, Duration::from_millis(4900)).await;
     answering.await.unwrap();
 }
 
@@ -499,19 +506,10 @@ async fn a_write_landing_after_a_replicas_own_429_does_not_unmeter_it() {
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     // The 429 comes while that write is under way; its own write queues behind it.
-    let answering = tokio::spawn({
-        let b = b.clone();
-        async move { b.answered(COST, g, throttled(5)).await }
-    });
+    let answering = answer_in_background(&b, g, throttled(5));
     // The first write lands, with a view that does not know of the 429.
     tokio::time::sleep(Duration::from_millis(45)).await;
-    let started = tokio::time::Instant::now();
-    b.admit(COST).await;
-    assert!(
-        started.elapsed() >= Duration::from_millis(4800),
-        "sent after {:?}, inside its own 429's pause",
-        started.elapsed()
-    );
+    admitted_no_sooner_than(&b, Duration::from_millis(4800)).await;
     answering.await.unwrap();
 }
 
@@ -550,10 +548,7 @@ async fn a_read_under_way_when_a_replicas_own_429_comes_does_not_unmeter_it() {
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
     // B's 429 comes while that read is under way...
-    let answering = tokio::spawn({
-        let b = b.clone();
-        async move { b.answered(COST, g, throttled(5)).await }
-    });
+    let answering = answer_in_background(&b, g, throttled(5));
     tokio::time::sleep(Duration::from_millis(5)).await;
     // ...and A writes a newer state that does not know of it, which the read returns.
     a.admit(COST).await;
