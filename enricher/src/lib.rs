@@ -210,6 +210,13 @@ pub async fn run_with(
         llm.daily_budget_usd,
         Some(metrics.spend_today.clone()),
     ));
+    // The spend is saved once a second, not per answer, and once more after the pipeline
+    // stopped (before the NATS connection is drained).
+    let saver_stop = CancellationToken::new();
+    let saver = tokio::spawn({
+        let (spend, stop) = (spend.clone(), saver_stop.clone());
+        async move { spend.run_saver(stop).await }
+    });
     let llm_client = llm::LlmClient::new(
         llm.endpoint.clone(),
         llm.api_key.clone(),
@@ -264,7 +271,12 @@ pub async fn run_with(
         paused_until: std::sync::Mutex::new(None),
         spend,
     };
-    pipeline.run(shutdown).await?;
+    let ran = pipeline.run(shutdown).await;
+    saver_stop.cancel();
+    if saver.await.is_err() {
+        tracing::warn!("saving the daily spend failed");
+    }
+    ran?;
     match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),

@@ -1,15 +1,21 @@
 //! The fleet's LLM spend per UTC day and the daily budget (`LLM_DAILY_BUDGET_USD`).
 //!
-//! Every replica adds what each answered request cost to one entry per UTC day
+//! Every replica adds what its answered requests cost to one entry per UTC day
 //! (`spend.<YYYY-MM-DD>`) of the bucket `TARDIS_LLM_BUDGET`, by compare-and-set, so the total
-//! is the fleet's. When today's total reaches the budget the replicas stop pulling: they stay
+//! is the fleet's. It adds them together, not one write per answer: what it has not saved yet
+//! is saved every [`SAVE_EVERY`] (by [`DailySpend::run_saver`], and once more when the replica
+//! stops), and at once when a budget is set and the answer is large against it or reaches it
+//! in this replica's view ([`save_at_once`]) — so the day's total in the store lags the fleet's
+//! answers by at most a second of spend below the budget, and by nothing that reaches it. A
+//! replica counts its unsaved spend in its own gate; a replica killed (SIGKILL, OOM) loses from
+//! the total what it had not saved, at most [`SAVE_EVERY`] of its spend. When today's total reaches the budget the replicas stop pulling: they stay
 //! ready (nothing is wrong, nothing is dead-lettered), `tardis_enrich_paused{reason="daily_budget"}`
 //! is 1 and a log line says why and until when; they resume at the next UTC day, or at once when
 //! restarted with a larger budget. Chunks already held finish, so the day can end above the
 //! budget by at most what the fleet held when it was reached.
 //!
-//! [`gate`] is the pure decision; [`DailySpend`] keeps the total ([`SpendStore`]: the KV
-//! bucket, or memory for tests).
+//! [`gate`] and [`save_at_once`] are the pure decisions; [`DailySpend`] keeps the total
+//! ([`SpendStore`]: the KV bucket, or memory for tests).
 
 use std::fmt;
 use std::future::Future;
@@ -32,6 +38,23 @@ pub fn next_day(now: DateTime<Utc>) -> DateTime<Utc> {
     (now.date_naive() + Duration::days(1))
         .and_time(NaiveTime::MIN)
         .and_utc()
+}
+
+/// How often a replica saves the spend it has not saved yet.
+pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a replica saves its unsaved spend of today at once rather than at its next
+/// [`SAVE_EVERY`]: only under a budget, and only when the unsaved spend is a hundredth of the
+/// budget or more, or brings what the replica knows of today's total to the budget — the other
+/// replicas must learn of the budget reached from the store, not a second later. Without a
+/// budget the total only feeds `tardis_llm_spend_today_usd`, and a second's lag costs nothing.
+pub fn save_at_once(unsaved: f64, known_total: f64, budget: Option<f64>) -> bool {
+    match budget {
+        Some(budget) => {
+            unsaved > 0.0 && (unsaved >= budget / 100.0 || known_total + unsaved >= budget)
+        }
+        None => false,
+    }
 }
 
 /// Whether the fleet may take more work today.
@@ -155,8 +178,9 @@ impl SpendStore for MemorySpend {
 pub struct DailySpend {
     store: Box<dyn SpendStore>,
     budget: Option<f64>,
-    /// What could not be added yet (the store was unreachable): added with the next cost.
-    unsaved: Mutex<f64>,
+    /// What was spent and not saved yet, per day (`spend.<day>`): saved every [`SAVE_EVERY`],
+    /// kept when the store cannot be reached and saved with the next save.
+    unsaved: Mutex<std::collections::BTreeMap<String, f64>>,
     /// The total last read and when: read again at most every [`READ_EVERY`].
     last_read: Mutex<Option<(tokio::time::Instant, String, f64)>>,
     gauge: Option<prometheus::Gauge>,
@@ -174,7 +198,7 @@ impl DailySpend {
         Self {
             store,
             budget,
-            unsaved: Mutex::new(0.0),
+            unsaved: Mutex::new(std::collections::BTreeMap::new()),
             last_read: Mutex::new(None),
             gauge,
         }
@@ -184,37 +208,73 @@ impl DailySpend {
         self.budget
     }
 
-    /// Adds what a request cost to today's total (and what earlier adds could not save).
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, f64>> {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Today's total as this replica last read or saved it (0 when it has not).
+    fn known_total(&self, day: &str) -> f64 {
+        self.last_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|(_, d, _)| d == day)
+            .map_or(0.0, |(_, _, total)| *total)
+    }
+
+    /// Counts what a request cost to today's spend; saved with the next save, or at once when
+    /// [`save_at_once`] says so.
     pub async fn record(&self, usd: f64, now: DateTime<Utc>) {
         if !(usd.is_finite() && usd > 0.0) {
             return;
         }
-        let pending = {
-            let mut unsaved = self
-                .unsaved
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            std::mem::take(&mut *unsaved) + usd
+        let day = day_key(now);
+        let unsaved = {
+            let mut unsaved = self.unsaved();
+            let today = unsaved.entry(day.clone()).or_default();
+            *today += usd;
+            *today
         };
-        match self.store.add(&day_key(now), pending).await {
-            Ok(total) => {
-                if let Some(g) = &self.gauge {
-                    g.set(total);
+        if save_at_once(unsaved, self.known_total(&day), self.budget) {
+            self.save().await;
+        }
+    }
+
+    /// Adds everything not saved yet to its day's total. What cannot be saved is kept for the
+    /// next save.
+    pub async fn save(&self) {
+        let pending = std::mem::take(&mut *self.unsaved());
+        for (day, usd) in pending {
+            match self.store.add(&day, usd).await {
+                Ok(total) => {
+                    if let Some(g) = &self.gauge {
+                        g.set(total);
+                    }
+                    *self
+                        .last_read
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((tokio::time::Instant::now(), day, total));
                 }
-                *self
-                    .last_read
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((tokio::time::Instant::now(), day_key(now), total));
-            }
-            Err(error) => {
-                debug!(%error, "the daily spend could not be saved; it is added with the next cost");
-                *self
-                    .unsaved
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) += pending;
+                Err(error) => {
+                    debug!(%error, "the daily spend could not be saved; it is added with the next save");
+                    *self.unsaved().entry(day).or_default() += usd;
+                }
             }
         }
+    }
+
+    /// Saves the unsaved spend every [`SAVE_EVERY`] until `stop`, then once more.
+    pub async fn run_saver(&self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(SAVE_EVERY) => self.save().await,
+            }
+        }
+        self.save().await;
     }
 
     /// Whether to take more work now. Without a budget: always. When the total cannot be
@@ -224,11 +284,8 @@ impl DailySpend {
         if self.budget.is_none() {
             return Gate::Open;
         }
-        let unsaved = *self
-            .unsaved
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let day = day_key(now);
+        let unsaved = self.unsaved().get(&day).copied().unwrap_or(0.0);
         let cached = self
             .last_read
             .lock()
@@ -316,5 +373,156 @@ mod tests {
         // A larger budget (a restart with it) reopens today.
         let c = DailySpend::new(Box::new(Shared(store)), Some(2.0), None);
         assert_eq!(c.gate(today).await, Gate::Open);
+    }
+
+    /// The fleet's store in memory, shared by replicas, counting its writes; `down` makes it
+    /// unreachable.
+    #[derive(Debug, Default)]
+    struct Counted {
+        inner: MemorySpend,
+        adds: std::sync::atomic::AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[derive(Debug)]
+    struct Replica(std::sync::Arc<Counted>);
+
+    impl SpendStore for Replica {
+        fn total<'a>(&'a self, day: &'a str) -> BoxFuture<'a, Result<f64, String>> {
+            Box::pin(async move {
+                if self.0.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("down".into());
+                }
+                self.0.inner.total(day).await
+            })
+        }
+        fn add<'a>(&'a self, day: &'a str, usd: f64) -> BoxFuture<'a, Result<f64, String>> {
+            Box::pin(async move {
+                if self.0.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("down".into());
+                }
+                self.0
+                    .adds
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.0.inner.add(day, usd).await
+            })
+        }
+    }
+
+    impl Counted {
+        fn adds(&self) -> usize {
+            self.adds.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        async fn of(&self, day: &str) -> f64 {
+            self.inner.total(day).await.unwrap()
+        }
+    }
+
+    fn replica(store: &std::sync::Arc<Counted>, budget: Option<f64>) -> std::sync::Arc<DailySpend> {
+        std::sync::Arc::new(DailySpend::new(
+            Box::new(Replica(store.clone())),
+            budget,
+            None,
+        ))
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn only_a_budget_saves_at_once_and_only_for_a_large_answer_or_one_that_reaches_it() {
+        assert!(
+            !save_at_once(5.0, 0.0, None),
+            "no budget: the saver's second is soon enough"
+        );
+        assert!(!save_at_once(0.009, 0.0, Some(1.0)));
+        assert!(
+            save_at_once(0.01, 0.0, Some(1.0)),
+            "a hundredth of the budget"
+        );
+        assert!(!save_at_once(0.009, 0.99, Some(1.0)));
+        assert!(save_at_once(0.009, 0.991, Some(1.0)), "reaches the budget");
+        assert!(!save_at_once(0.0, 5.0, Some(1.0)), "nothing to save");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_budget_answers_are_saved_together_once_a_second_not_one_write_each() {
+        let store = std::sync::Arc::new(Counted::default());
+        let spend = replica(&store, None);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let saver = tokio::spawn({
+            let (spend, stop) = (spend.clone(), stop.clone());
+            async move { spend.run_saver(stop).await }
+        });
+        let today = at("2026-12-01T10:00:00Z");
+        for _ in 0..100 {
+            spend.record(0.001, today).await;
+            tokio::time::advance(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            store.adds(),
+            0,
+            "100 answers in half a second, no write yet"
+        );
+        tokio::time::sleep(SAVE_EVERY).await;
+        assert_eq!(store.adds(), 1, "one write for the second's answers");
+        assert!(close(store.of("spend.2026-12-01").await, 0.1));
+        // What is left when the replica stops is saved on the way out.
+        spend.record(0.25, today).await;
+        stop.cancel();
+        saver.await.unwrap();
+        assert_eq!(store.adds(), 2);
+        assert!(close(store.of("spend.2026-12-01").await, 0.35));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_budget_the_answer_that_reaches_it_is_saved_at_once_for_the_fleet_to_see() {
+        let store = std::sync::Arc::new(Counted::default());
+        let (a, b) = (replica(&store, Some(1.0)), replica(&store, Some(1.0)));
+        let today = at("2026-12-01T10:00:00Z");
+        a.record(0.001, today).await;
+        assert_eq!(store.adds(), 0, "a small answer waits for the saver");
+        a.record(0.994, today).await;
+        assert_eq!(store.adds(), 1, "a large answer is saved at once");
+        assert!(close(store.of("spend.2026-12-01").await, 0.995));
+        assert_eq!(b.gate(today).await, Gate::Open);
+        a.record(0.006, today).await;
+        assert_eq!(store.adds(), 2, "0.006 is small, but it reaches the budget");
+        tokio::time::advance(READ_EVERY).await;
+        assert!(matches!(b.gate(today).await, Gate::Paused { .. }));
+        assert!(matches!(a.gate(today).await, Gate::Paused { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spend_is_saved_to_the_day_it_was_spent_even_when_saved_the_next() {
+        let store = std::sync::Arc::new(Counted::default());
+        let spend = replica(&store, None);
+        spend.record(0.2, at("2026-12-01T23:59:59.900Z")).await;
+        spend.record(0.3, at("2026-12-02T00:00:00.100Z")).await;
+        spend.save().await;
+        assert!(close(store.of("spend.2026-12-01").await, 0.2));
+        assert!(close(store.of("spend.2026-12-02").await, 0.3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spend_that_could_not_be_saved_is_counted_and_saved_after_the_outage() {
+        let store = std::sync::Arc::new(Counted::default());
+        let spend = replica(&store, Some(0.25));
+        let today = at("2026-12-01T10:00:00Z");
+        store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        spend.record(0.2, today).await;
+        spend.save().await;
+        assert_eq!(spend.gate(today).await, Gate::Open);
+        spend.record(0.1, today).await;
+        assert!(
+            matches!(spend.gate(today).await, Gate::Paused { .. }),
+            "the replica's own unsaved spend counts while the store is down"
+        );
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        spend.save().await;
+        assert!(close(store.of("spend.2026-12-01").await, 0.3));
+        spend.save().await;
+        assert!(close(store.of("spend.2026-12-01").await, 0.3), "saved once");
     }
 }

@@ -314,6 +314,59 @@ async fn the_daily_budget_pauses_the_fleet_and_a_larger_one_resumes_it_without_l
     Ok(())
 }
 
+/// Without a budget a replica saves its spend once a second, not per answer; what it has not
+/// saved when it is stopped is saved on the way out, so the day's total is what the answers
+/// cost, to the token. Stopped mid-run, its last answers come back after the SIGTERM, within
+/// the second: without the save at stop the total falls short.
+#[tokio::test]
+async fn the_days_spend_is_exact_after_a_replica_stops_though_saved_once_a_second() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let mut env = super::operations::base_env(&t, &db, &llm);
+    env.insert("LLM_BATCH_SIZE".into(), "10".into());
+    migrate(&env).await?;
+    crate::harness::fleet::publish_records(&t.jetstream(), &t.names(), "reviews", 4000, 20).await?;
+    let _writer = spawn_on("writer", &env, free_port()?)?;
+    let enricher = spawn_on("enricher", &env, free_port()?)?;
+    let client = db.connect().await?;
+    wait_for("100 rows", Duration::from_secs(60), || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM records", &[])
+            .await?
+            .get(0);
+        Ok((n >= 100).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", enricher.output()))?;
+    // Stopped mid-run: the answers to the requests in flight come back after the SIGTERM
+    // (the mock LLM runs on this test's runtime, so the wait must not block it).
+    let (code, output) = tokio::task::spawn_blocking(move || enricher.terminate()).await??;
+    assert_eq!(code, Some(0), "{output}");
+
+    let tokens = llm.mock.stats()["tokens"].as_u64().unwrap_or(0);
+    assert!(tokens > 0);
+    // LLM_PRICE_INPUT_PER_MTOK and LLM_PRICE_OUTPUT_PER_MTOK default to 0.42.
+    let paid = tokens as f64 * 0.42 / 1e6;
+    let kv = t
+        .jetstream()
+        .get_key_value(t.names().llm_budget_bucket())
+        .await?;
+    // Today's entry, and yesterday's should the test straddle midnight UTC.
+    let now = Utc::now();
+    let mut saved = 0.0;
+    for day in [now, now - chrono::Duration::days(1)] {
+        if let Some(v) = kv.get(format!("spend.{}", day.format("%Y-%m-%d"))).await? {
+            saved += std::str::from_utf8(&v)?.trim().parse::<f64>()?;
+        }
+    }
+    assert!(
+        (saved - paid).abs() < 1e-9,
+        "the day's total is {saved}, the answers cost {paid}\n{output}"
+    );
+    Ok(())
+}
+
 /// The reuse lookup of a chunk must cost a probe of the primary key per record, whatever the
 /// size of `records`: on a table of tens of thousands of rows the planner's cost model picked
 /// a hash join over a scan of the whole table, once per chunk (20 ms per chunk at 50,000 rows,
