@@ -2,17 +2,27 @@
 //!
 //! Every replica adds what its answered requests cost to one entry per UTC day
 //! (`spend.<YYYY-MM-DD>`) of the bucket `TARDIS_LLM_BUDGET`, by compare-and-set, so the total
-//! is the fleet's. It adds them together, not one write per answer: what it has not saved yet
-//! is saved every [`SAVE_EVERY`] (by [`DailySpend::run_saver`], and once more when the replica
-//! stops), and at once when a budget is set and the answer is large against it or reaches it
-//! in this replica's view ([`save_at_once`]) — so the day's total in the store lags the fleet's
-//! answers by at most a second of spend below the budget, and by nothing that reaches it. A
-//! replica counts its unsaved spend in its own gate; a replica killed (SIGKILL, OOM) loses from
-//! the total what it had not saved, at most [`SAVE_EVERY`] of its spend. When today's total reaches the budget the replicas stop pulling: they stay
+//! is the fleet's. When today's total reaches the budget the replicas stop pulling: they stay
 //! ready (nothing is wrong, nothing is dead-lettered), `tardis_enrich_paused{reason="daily_budget"}`
 //! is 1 and a log line says why and until when; they resume at the next UTC day, or at once when
 //! restarted with a larger budget. Chunks already held finish, so the day can end above the
-//! budget by at most what the fleet held when it was reached.
+//! budget by what the fleet held when it was reached.
+//!
+//! **Saved together, not per answer.** A replica counts its answers' cost and saves the sum
+//! every [`SAVE_EVERY`] ([`DailySpend::run_saver`], and once more when it stops); one
+//! compare-and-set per answer, with replicas racing on the entry, was the largest cost of
+//! nats-server and of the enricher. Under a budget it saves at once when its unsaved spend
+//! reaches a hundredth of the budget, or brings the total it knows to the budget
+//! ([`save_at_once`]). What that costs:
+//! * a replica counts its own unsaved spend in its gate, but not the other replicas': each
+//!   may hold up to a hundredth of the budget unsaved, so N replicas may overshoot by up to
+//!   N hundredths besides what they held, and a replica may see the others' spend up to
+//!   [`SAVE_EVERY`] + [`READ_EVERY`] late;
+//! * a replica killed without stopping (SIGKILL, OOM) loses from the total what it had not
+//!   saved: about a second of its spend, more if the store was unreachable for longer (the
+//!   spend of a failed save is kept for the next one); a replica whose last save fails says
+//!   so in a warning with the amount;
+//! * a write whose reply is lost is tried again and may be counted twice (over, not under).
 //!
 //! [`gate`] and [`save_at_once`] are the pure decisions; [`DailySpend`] keeps the total
 //! ([`SpendStore`]: the KV bucket, or memory for tests).
@@ -178,12 +188,50 @@ impl SpendStore for MemorySpend {
 pub struct DailySpend {
     store: Box<dyn SpendStore>,
     budget: Option<f64>,
-    /// What was spent and not saved yet, per day (`spend.<day>`): saved every [`SAVE_EVERY`],
-    /// kept when the store cannot be reached and saved with the next save.
-    unsaved: Mutex<std::collections::BTreeMap<String, f64>>,
-    /// The total last read and when: read again at most every [`READ_EVERY`].
-    last_read: Mutex<Option<(tokio::time::Instant, String, f64)>>,
+    /// What this replica spent and has not saved, and the total it last knew: one lock, so the
+    /// gate sees them together.
+    ledger: Mutex<Ledger>,
     gauge: Option<prometheus::Gauge>,
+}
+
+/// What a replica knows of the spend, per day (`spend.<day>`).
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Spent and not saved yet: saved every [`SAVE_EVERY`], kept when the store cannot be
+    /// reached and saved with the next save.
+    unsaved: std::collections::BTreeMap<String, f64>,
+    /// Being saved right now (a write under way): still this replica's to count until the
+    /// write says it is in the total.
+    saving: std::collections::BTreeMap<String, f64>,
+    /// The total last read or saved and when: read again at most every [`READ_EVERY`]. Only
+    /// ever raised for the same day (a day's total never falls; two saves may answer out of
+    /// order).
+    last_read: Option<(tokio::time::Instant, String, f64)>,
+}
+
+impl Ledger {
+    /// What this replica spent on `day` that the store's total may not hold yet.
+    fn own(&self, day: &str) -> f64 {
+        self.unsaved.get(day).copied().unwrap_or(0.0) + self.saving.get(day).copied().unwrap_or(0.0)
+    }
+
+    /// The total last read or saved for `day` (0 when none), fresh or not.
+    fn known(&self, day: &str) -> f64 {
+        self.last_read
+            .as_ref()
+            .filter(|(_, d, _)| d == day)
+            .map_or(0.0, |(_, _, total)| *total)
+    }
+
+    /// Takes a total read or saved for `day` (never lowering the one known for it).
+    fn learn(&mut self, day: String, total: f64) -> f64 {
+        let total = match &self.last_read {
+            Some((_, d, known)) if *d == day => total.max(*known),
+            _ => total,
+        };
+        self.last_read = Some((tokio::time::Instant::now(), day, total));
+        total
+    }
 }
 
 /// How stale the total read from the store may be.
@@ -198,8 +246,7 @@ impl DailySpend {
         Self {
             store,
             budget,
-            unsaved: Mutex::new(std::collections::BTreeMap::new()),
-            last_read: Mutex::new(None),
+            ledger: Mutex::new(Ledger::default()),
             gauge,
         }
     }
@@ -208,20 +255,10 @@ impl DailySpend {
         self.budget
     }
 
-    fn unsaved(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, f64>> {
-        self.unsaved
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Today's total as this replica last read or saved it (0 when it has not).
-    fn known_total(&self, day: &str) -> f64 {
-        self.last_read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .filter(|(_, d, _)| d == day)
-            .map_or(0.0, |(_, _, total)| *total)
     }
 
     /// Counts what a request cost to today's spend; saved with the next save, or at once when
@@ -231,65 +268,93 @@ impl DailySpend {
             return;
         }
         let day = day_key(now);
-        let unsaved = {
-            let mut unsaved = self.unsaved();
-            let today = unsaved.entry(day.clone()).or_default();
+        let (unsaved, known) = {
+            let mut ledger = self.ledger();
+            let today = ledger.unsaved.entry(day.clone()).or_default();
             *today += usd;
-            *today
+            let unsaved = *today;
+            (
+                unsaved,
+                ledger.known(&day) + ledger.saving.get(&day).copied().unwrap_or(0.0),
+            )
         };
-        if save_at_once(unsaved, self.known_total(&day), self.budget) {
+        if save_at_once(unsaved, known, self.budget) {
             self.save().await;
         }
     }
 
-    /// Adds everything not saved yet to its day's total. What cannot be saved is kept for the
-    /// next save.
-    pub async fn save(&self) {
-        let pending = std::mem::take(&mut *self.unsaved());
+    /// Adds everything not saved yet to its day's total; returns what could not be saved (kept
+    /// for the next save).
+    pub async fn save(&self) -> f64 {
+        let pending = {
+            let mut ledger = self.ledger();
+            let pending = std::mem::take(&mut ledger.unsaved);
+            for (day, usd) in &pending {
+                *ledger.saving.entry(day.clone()).or_default() += usd;
+            }
+            pending
+        };
+        let mut left = 0.0;
         for (day, usd) in pending {
-            match self.store.add(&day, usd).await {
+            let added = self.store.add(&day, usd).await;
+            let mut ledger = self.ledger();
+            if let Some(saving) = ledger.saving.get_mut(&day) {
+                *saving -= usd;
+                if *saving <= 0.0 {
+                    ledger.saving.remove(&day);
+                }
+            }
+            match added {
                 Ok(total) => {
+                    let total = ledger.learn(day, total);
                     if let Some(g) = &self.gauge {
                         g.set(total);
                     }
-                    *self
-                        .last_read
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some((tokio::time::Instant::now(), day, total));
                 }
                 Err(error) => {
                     debug!(%error, "the daily spend could not be saved; it is added with the next save");
-                    *self.unsaved().entry(day).or_default() += usd;
+                    *ledger.unsaved.entry(day).or_default() += usd;
+                    left += usd;
                 }
             }
         }
+        left
     }
 
-    /// Saves the unsaved spend every [`SAVE_EVERY`] until `stop`, then once more.
+    /// Saves the unsaved spend every [`SAVE_EVERY`] until `stop`, then once more; says what
+    /// the last save could not write (lost from the day's total when the process exits).
     pub async fn run_saver(&self, stop: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(SAVE_EVERY) => self.save().await,
+                () = tokio::time::sleep(SAVE_EVERY) => { self.save().await; }
             }
         }
-        self.save().await;
+        let lost = self.save().await;
+        if lost > 0.0 {
+            warn!(
+                usd = lost,
+                "the LLM spend of this replica's last answers could not be saved: the day's total in TARDIS_LLM_BUDGET misses it"
+            );
+        }
     }
 
     /// Whether to take more work now. Without a budget: always. When the total cannot be
     /// read, this replica's unsaved spend decides alone (an unreachable store never stops
     /// the fleet by itself).
+    ///
+    /// The total is read first and this replica's own spend not in it yet (unsaved, or being
+    /// saved) taken after, under the lock the saves update. A save whose write lands at the
+    /// store just before the read, and whose reply has not come back yet, is counted twice for
+    /// that one decision: for the time of a reply, on the side of the budget.
     pub async fn gate(&self, now: DateTime<Utc>) -> Gate {
         if self.budget.is_none() {
             return Gate::Open;
         }
         let day = day_key(now);
-        let unsaved = self.unsaved().get(&day).copied().unwrap_or(0.0);
         let cached = self
+            .ledger()
             .last_read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .filter(|(at, d, _)| *d == day && at.elapsed() < READ_EVERY)
             .map(|(_, _, total)| *total);
@@ -299,19 +364,20 @@ impl DailySpend {
         };
         let total = match read {
             Ok(total) => {
-                *self
-                    .last_read
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((tokio::time::Instant::now(), day, total));
+                let mut ledger = self.ledger();
+                let total = if cached.is_some() {
+                    ledger.known(&day)
+                } else {
+                    ledger.learn(day.clone(), total)
+                };
                 if let Some(g) = &self.gauge {
                     g.set(total);
                 }
-                total + unsaved
+                total + ledger.own(&day)
             }
             Err(error) => {
                 warn!(%error, "today's LLM spend could not be read");
-                unsaved
+                self.ledger().own(&day)
             }
         };
         gate(total, self.budget, now)
@@ -524,5 +590,119 @@ mod tests {
         assert!(close(store.of("spend.2026-12-01").await, 0.3));
         spend.save().await;
         assert!(close(store.of("spend.2026-12-01").await, 0.3), "saved once");
+    }
+
+    /// A store whose writes answer late: each `add` waits the next of `delays`, then fails
+    /// (`fail`) or lands; with `land_first` it lands at once and only its answer is late (a
+    /// write whose reply is slow).
+    #[derive(Debug, Default)]
+    struct Slow {
+        inner: MemorySpend,
+        delays: Mutex<std::collections::VecDeque<std::time::Duration>>,
+        fail: std::sync::atomic::AtomicBool,
+        land_first: bool,
+    }
+
+    #[derive(Debug)]
+    struct SlowReplica(std::sync::Arc<Slow>);
+
+    impl SpendStore for SlowReplica {
+        fn total<'a>(&'a self, day: &'a str) -> BoxFuture<'a, Result<f64, String>> {
+            Box::pin(async move {
+                if self.0.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("down".into());
+                }
+                self.0.inner.total(day).await
+            })
+        }
+        fn add<'a>(&'a self, day: &'a str, usd: f64) -> BoxFuture<'a, Result<f64, String>> {
+            Box::pin(async move {
+                let delay = self
+                    .0
+                    .delays
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or_default();
+                let landed = if self.0.land_first {
+                    Some(self.0.inner.add(day, usd).await)
+                } else {
+                    None
+                };
+                tokio::time::sleep(delay).await;
+                if self.0.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("timed out".into());
+                }
+                match landed {
+                    Some(total) => total,
+                    None => self.0.inner.add(day, usd).await,
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spend_being_saved_still_counts_in_the_replicas_gate_until_the_write_says_so() {
+        let store = std::sync::Arc::new(Slow {
+            delays: Mutex::new([std::time::Duration::from_secs(5)].into()),
+            ..Slow::default()
+        });
+        store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let spend = std::sync::Arc::new(DailySpend::new(
+            Box::new(SlowReplica(store.clone())),
+            Some(0.25),
+            None,
+        ));
+        let today = at("2026-12-01T10:00:00Z");
+        // 0.3 is saved at once, and the write hangs for 5 s before it fails (an outage).
+        let recording = tokio::spawn({
+            let spend = spend.clone();
+            async move { spend.record(0.3, today).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!recording.is_finished(), "the save is under way");
+        assert!(
+            matches!(spend.gate(today).await, Gate::Paused { .. }),
+            "the 0.3 being saved is still this replica's to count"
+        );
+        recording.await.unwrap();
+        assert!(
+            matches!(spend.gate(today).await, Gate::Paused { .. }),
+            "and kept after the failure"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_saves_answering_out_of_order_never_lower_the_known_total() {
+        let store = std::sync::Arc::new(Slow {
+            delays: Mutex::new(
+                [std::time::Duration::from_secs(2), std::time::Duration::ZERO].into(),
+            ),
+            land_first: true,
+            ..Slow::default()
+        });
+        let gauge = prometheus::Gauge::new("spend", "spend").unwrap();
+        let spend = std::sync::Arc::new(DailySpend::new(
+            Box::new(SlowReplica(store.clone())),
+            Some(1.0),
+            Some(gauge.clone()),
+        ));
+        let today = at("2026-12-01T10:00:00Z");
+        // Two saves at once: the first lands (total 0.1) but answers 2 s late, after the
+        // second (total 0.3).
+        let first = tokio::spawn({
+            let spend = spend.clone();
+            async move { spend.record(0.1, today).await }
+        });
+        tokio::task::yield_now().await;
+        spend.record(0.2, today).await;
+        assert!(close(gauge.get(), 0.3));
+        first.await.unwrap();
+        assert!(
+            close(gauge.get(), 0.3),
+            "the late answer of 0.1 does not lower it: {}",
+            gauge.get()
+        );
+        assert!(close(spend.ledger().known("spend.2026-12-01"), 0.3));
     }
 }
