@@ -288,11 +288,11 @@ impl BatchProcessor {
                 );
                 continue;
             }
-            let content = answer
-                .content
-                .clone()
-                .or(answer.refusal.clone().map(|r| format!("refused: {r}")))
-                .unwrap_or_default();
+            let content: std::borrow::Cow<'_, str> = match (&answer.content, &answer.refusal) {
+                (Some(content), _) => content.as_str().into(),
+                (None, Some(refusal)) => format!("refused: {refusal}").into(),
+                (None, None) => "".into(),
+            };
             let results = match protocol::results(&content) {
                 Ok(r) => r,
                 Err(reason) => {

@@ -151,8 +151,12 @@ pub fn results(content: &str) -> Result<Vec<Value>, String> {
     };
     let v: Value =
         serde_json::from_str(inner).map_err(|e| format!("the answer is not valid JSON ({e})"))?;
-    match v.get("results") {
-        Some(Value::Array(a)) => Ok(a.clone()),
+    // Taken out of the answer, not copied: the results are most of it.
+    match v {
+        Value::Object(mut answer) => match answer.swap_remove("results") {
+            Some(Value::Array(a)) => Ok(a),
+            _ => Err("the answer has no \"results\" array".into()),
+        },
         _ => Err("the answer has no \"results\" array".into()),
     }
 }
