@@ -25,6 +25,62 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A process's CPU time so far in seconds (`utime + stime` of `/proc/<pid>/stat`, and with
+/// `children`, `cutime + cstime`: the children it has waited for), in the kernel's fixed
+/// `USER_HZ` of 100 ticks a second.
+pub fn cpu_seconds(pid: i32, children: bool) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let own = tick(11)? + tick(12)?;
+    let reaped = if children { tick(13)? + tick(14)? } else { 0 };
+    Some((own + reaped) as f64 / 100.0)
+}
+
+/// The parent of `pid`.
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 2..)?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The CPU seconds of a Postgres server so far: the postmaster with the backends it has
+/// reaped, and every live child (backends, autovacuum, the checkpointer, the WAL writer).
+pub fn postgres_cpu_seconds(postmaster: i32) -> f64 {
+    let live: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| parent(*pid) == Some(postmaster))
+        .filter_map(|pid| cpu_seconds(pid, false))
+        .sum();
+    cpu_seconds(postmaster, true).unwrap_or(0.0) + live
+}
+
+/// Where the CPU of a [`PipelineRun`] went, in seconds, from the first worker started to the
+/// last row written (a worker's last 20 ms before it exits are not counted).
+#[derive(Debug, Clone, Default)]
+pub struct CpuBreakdown {
+    pub fetcher: f64,
+    pub enrichers: f64,
+    pub writer: f64,
+    pub nats: f64,
+    pub postgres: f64,
+    /// This process: the demo source and the mock LLM, and the harness polling the row count.
+    pub bench: f64,
+}
+
+impl CpuBreakdown {
+    pub fn total(&self) -> f64 {
+        self.fetcher + self.enrichers + self.writer + self.nats + self.postgres + self.bench
+    }
+}
+
 /// The conditions a figure was measured in, for the line above it.
 pub fn conditions() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -92,6 +148,7 @@ pub struct PipelineResult {
     pub fetcher_kib: u64,
     pub enricher_kib: u64,
     pub writer_kib: u64,
+    pub cpu: CpuBreakdown,
 }
 
 impl PipelineRun {
@@ -147,6 +204,21 @@ impl PipelineRun {
             );
         }
         let client = db.connect().await?;
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        let postmaster = parent(backend).context("the postmaster of this Postgres backend")?;
+        let this = i32::try_from(std::process::id())?;
+        let (bench_cpu, nats_cpu, postgres_cpu) = (
+            cpu_seconds(this, false).unwrap_or(0.0),
+            nats.pid()
+                .and_then(|p| cpu_seconds(p, false))
+                .unwrap_or(0.0),
+            postgres_cpu_seconds(postmaster),
+        );
+        // Each worker's CPU as last seen: read with the peak RSS while it runs.
+        let mut worker_cpu: BTreeMap<u32, f64> = BTreeMap::new();
         let started = Instant::now();
         let mut enrichers = Vec::new();
         for _ in 0..self.enrichers {
@@ -162,6 +234,14 @@ impl PipelineRun {
         let total = i64::try_from(2 * self.per_source)?;
         let mut fetched = false;
         loop {
+            for pid in std::iter::once(fetcher.id())
+                .chain(enrichers.iter().map(Child::id))
+                .chain(writer.iter().map(Child::id))
+            {
+                if let Some(cpu) = cpu_seconds(i32::try_from(pid)?, false) {
+                    worker_cpu.insert(pid, cpu);
+                }
+            }
             fetcher_kib = fetcher_kib.max(peak_rss_kib(fetcher.id()).unwrap_or(0));
             for e in &enrichers {
                 enricher_kib = enricher_kib.max(peak_rss_kib(e.id()).unwrap_or(0));
@@ -190,6 +270,19 @@ impl PipelineRun {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let of = |pid: u32| worker_cpu.get(&pid).copied().unwrap_or(0.0);
+        let cpu = CpuBreakdown {
+            fetcher: of(fetcher.id()),
+            enrichers: enrichers.iter().map(|e| of(e.id())).sum(),
+            writer: writer.as_ref().map_or(0.0, |w| of(w.id())),
+            nats: nats
+                .pid()
+                .and_then(|p| cpu_seconds(p, false))
+                .unwrap_or(0.0)
+                - nats_cpu,
+            postgres: postgres_cpu_seconds(postmaster) - postgres_cpu,
+            bench: cpu_seconds(this, false).unwrap_or(0.0) - bench_cpu,
+        };
         let status = fetcher.wait()?;
         if !status.success() {
             bail!("fetcher run: {status}");
@@ -217,6 +310,7 @@ impl PipelineRun {
             fetcher_kib,
             enricher_kib,
             writer_kib,
+            cpu,
         })
     }
 }

@@ -9,7 +9,8 @@
 //! together — on a nats-server with `sync_interval: always` (every JetStream write synced)
 //! and Postgres. Timed from the first process started to the last row committed; then the
 //! same rows are read back and COPYed (binary) into a table of the same shape and indexes.
-//! Prints the conditions, each worker's peak RSS, both rates, and their ratio last.
+//! Prints the conditions, each worker's peak RSS, both rates, where the CPU went (per process,
+//! in core-seconds per 100,000 records, beside what the run's cores had), and the ratio last.
 //! `WRITER_*`, `ENRICH_*`, `LLM_*` and `CHUNK_SIZE` variables in the environment reach the
 //! workers.
 
@@ -82,6 +83,21 @@ async fn main() -> Result<()> {
         r.rows, r.seconds
     );
     println!("plain COPY {copied:>10}  {copy_secs:>9.2}  {c:>10.0}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let per = |s: f64| s * 100_000.0 / r.rows as f64;
+    let cpu = &r.cpu;
+    println!(
+        "CPU, core-seconds per 100,000 records: fetcher {:.2}, enrichers {:.2}, writer {:.2}, nats-server {:.2}, Postgres {:.2}; this benchmark's demo-source and mock LLM {:.2}; total {:.2} of the {:.2} the run had ({cores} cores × {:.2} s)",
+        per(cpu.fetcher),
+        per(cpu.enrichers),
+        per(cpu.writer),
+        per(cpu.nats),
+        per(cpu.postgres),
+        per(cpu.bench),
+        per(cpu.total()),
+        per(cores * r.seconds),
+        r.seconds
+    );
     println!("ratio: pipeline / COPY = {:.0} %", p / c * 100.0);
     Ok(())
 }

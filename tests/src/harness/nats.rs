@@ -146,6 +146,11 @@ impl NatsServer {
         .await
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Guarded::pid)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
