@@ -48,36 +48,62 @@ fn parent(pid: i32) -> Option<i32> {
         .ok()
 }
 
-/// The CPU seconds of a Postgres server so far: the postmaster with the backends it has
-/// reaped, and every live child (backends, autovacuum, the checkpointer, the WAL writer).
-pub fn postgres_cpu_seconds(postmaster: i32) -> f64 {
-    let live: f64 = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| parent(*pid) == Some(postmaster))
-        .filter_map(|pid| cpu_seconds(pid, false))
-        .sum();
-    cpu_seconds(postmaster, true).unwrap_or(0.0) + live
+/// Whether `pid` is a local process named `postgres`.
+fn is_postgres(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres")
 }
 
-/// Where the CPU of a [`PipelineRun`] went, in seconds, from the first worker started to the
-/// last row written (a worker's last 20 ms before it exits are not counted).
+/// The postmaster of the backend `backend` when it runs on this machine (not elsewhere, not in
+/// a container, where `pg_backend_pid()` is no local pid): both named `postgres`.
+pub fn local_postmaster(backend: i32) -> Option<i32> {
+    let postmaster = parent(backend)?;
+    (is_postgres(backend) && is_postgres(postmaster)).then_some(postmaster)
+}
+
+/// The CPU seconds of a Postgres server so far: the postmaster with the backends it has
+/// reaped, and every live child (backends, autovacuum, the checkpointer, the WAL writer). A
+/// child reaped during the scan of `/proc` would count twice: the scan is then done again.
+pub fn postgres_cpu_seconds(postmaster: i32) -> f64 {
+    for _ in 0..10 {
+        let before = cpu_seconds(postmaster, true).unwrap_or(0.0);
+        let live: f64 = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| parent(*pid) == Some(postmaster))
+            .filter_map(|pid| cpu_seconds(pid, false))
+            .sum();
+        let after = cpu_seconds(postmaster, true).unwrap_or(0.0);
+        if after == before {
+            return after + live;
+        }
+    }
+    cpu_seconds(postmaster, true).unwrap_or(0.0)
+}
+
+/// Where the CPU of a [`PipelineRun`] went, in seconds, from just before the first worker
+/// started to the last row written (a worker's last 20 ms before it exits are not counted).
 #[derive(Debug, Clone, Default)]
 pub struct CpuBreakdown {
     pub fetcher: f64,
     pub enrichers: f64,
     pub writer: f64,
     pub nats: f64,
-    pub postgres: f64,
+    /// `None` when the database is not a local process (`DATABASE_URL` elsewhere).
+    pub postgres: Option<f64>,
     /// This process: the demo source and the mock LLM, and the harness polling the row count.
     pub bench: f64,
 }
 
 impl CpuBreakdown {
     pub fn total(&self) -> f64 {
-        self.fetcher + self.enrichers + self.writer + self.nats + self.postgres + self.bench
+        self.fetcher
+            + self.enrichers
+            + self.writer
+            + self.nats
+            + self.postgres.unwrap_or(0.0)
+            + self.bench
     }
 }
 
@@ -208,14 +234,14 @@ impl PipelineRun {
             .query_one("SELECT pg_backend_pid()", &[])
             .await?
             .get(0);
-        let postmaster = parent(backend).context("the postmaster of this Postgres backend")?;
+        let postmaster = local_postmaster(backend);
         let this = i32::try_from(std::process::id())?;
         let (bench_cpu, nats_cpu, postgres_cpu) = (
             cpu_seconds(this, false).unwrap_or(0.0),
             nats.pid()
                 .and_then(|p| cpu_seconds(p, false))
                 .unwrap_or(0.0),
-            postgres_cpu_seconds(postmaster),
+            postmaster.map(postgres_cpu_seconds),
         );
         // Each worker's CPU as last seen: read with the peak RSS while it runs.
         let mut worker_cpu: BTreeMap<u32, f64> = BTreeMap::new();
@@ -234,7 +260,10 @@ impl PipelineRun {
         let total = i64::try_from(2 * self.per_source)?;
         let mut fetched = false;
         loop {
-            for pid in std::iter::once(fetcher.id())
+            // Not the fetcher once it is reaped: its pid may be another process's by then.
+            for pid in (!fetched)
+                .then(|| fetcher.id())
+                .into_iter()
                 .chain(enrichers.iter().map(Child::id))
                 .chain(writer.iter().map(Child::id))
             {
@@ -280,7 +309,9 @@ impl PipelineRun {
                 .and_then(|p| cpu_seconds(p, false))
                 .unwrap_or(0.0)
                 - nats_cpu,
-            postgres: postgres_cpu_seconds(postmaster) - postgres_cpu,
+            postgres: postmaster
+                .zip(postgres_cpu)
+                .map(|(pm, before)| postgres_cpu_seconds(pm) - before),
             bench: cpu_seconds(this, false).unwrap_or(0.0) - bench_cpu,
         };
         let status = fetcher.wait()?;

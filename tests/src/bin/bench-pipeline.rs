@@ -87,12 +87,16 @@ async fn main() -> Result<()> {
     let per = |s: f64| s * 100_000.0 / r.rows as f64;
     let cpu = &r.cpu;
     println!(
-        "CPU, core-seconds per 100,000 records: fetcher {:.2}, enrichers {:.2}, writer {:.2}, nats-server {:.2}, Postgres {:.2}; this benchmark's demo-source and mock LLM {:.2}; total {:.2} of the {:.2} the run had ({cores} cores × {:.2} s)",
+        "CPU, core-seconds per 100,000 records: fetcher {:.2}, enrichers {:.2}, writer {:.2}, nats-server {:.2}, Postgres {}; this benchmark's demo-source and mock LLM {:.2}; total {:.2} of the {:.2} the run had ({cores} cores × {:.2} s)",
         per(cpu.fetcher),
         per(cpu.enrichers),
         per(cpu.writer),
         per(cpu.nats),
-        per(cpu.postgres),
+        cpu.postgres
+            .map_or("n/a (not a local process)".to_string(), |s| format!(
+                "{:.2}",
+                per(s)
+            )),
         per(cpu.bench),
         per(cpu.total()),
         per(cores * r.seconds),
