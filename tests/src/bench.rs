@@ -25,14 +25,24 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The fields of `/proc/<pid>/stat` after the command (which is in parentheses and may hold
+/// spaces): the first is the state (field 3 of `man 5 proc`).
+fn stat_fields(pid: i32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.get(stat.rfind(')')? + 2..)?
+            .split(' ')
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
 /// A process's CPU time so far in seconds (`utime + stime` of `/proc/<pid>/stat`, and with
 /// `children`, `cutime + cstime`: the children it has waited for), in the kernel's fixed
 /// `USER_HZ` of 100 ticks a second.
 pub fn cpu_seconds(pid: i32, children: bool) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let fields = stat_fields(pid)?;
+    let tick = |i: usize| fields.get(i).copied();
     let own = tick(11)? + tick(12)?;
     let reaped = if children { tick(13)? + tick(14)? } else { 0 };
     Some((own + reaped) as f64 / 100.0)
@@ -40,12 +50,7 @@ pub fn cpu_seconds(pid: i32, children: bool) -> Option<f64> {
 
 /// The parent of `pid`.
 fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.get(stat.rfind(')')? + 2..)?
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()
+    i32::try_from(*stat_fields(pid)?.get(1)?).ok()
 }
 
 /// Whether `pid` is a local process named `postgres`.
