@@ -305,25 +305,21 @@ impl BatchProcessor {
                 }
             };
             let ids: Vec<&str> = batch.iter().map(|i| i.id.as_str()).collect();
-            let (mut matched, unknown) = protocol::match_results(&ids, results, &self.schema);
+            let (matched, unknown) = protocol::match_results(&ids, results, &self.schema);
             if !unknown.is_empty() {
                 warn!(unknown = ?unknown, "the answer has results for ids that were not asked; ignored");
             }
             let shares = self.usage_shares(&batch, &answer);
             let mut failed = Vec::new();
             let size = batch.len();
-            for (item, usage) in batch.drain(..).zip(shares) {
-                match matched.remove(&item.id) {
-                    Some(Ok(enrichment)) => result.outcomes.push((
+            for ((item, usage), matched) in batch.drain(..).zip(shares).zip(matched) {
+                match matched {
+                    Ok(enrichment) => result.outcomes.push((
                         item.key,
-                        item.source.clone(),
+                        item.source,
                         Outcome::Enriched { enrichment, usage },
                     )),
-                    other => {
-                        let reason = match other {
-                            Some(Err(r)) => r,
-                            _ => "missing from the answer".to_string(),
-                        };
+                    Err(reason) => {
                         let mut item = item;
                         item.failed(reason);
                         failed.push(item);

@@ -161,42 +161,53 @@ pub fn results(content: &str) -> Result<Vec<Value>, String> {
     }
 }
 
-/// Per input id: its validated enrichment, or why there is none. Ids the model invented are
-/// returned separately.
+/// Per input id, in the order of `ids` (distinct, as a batch's are): its validated
+/// enrichment, or why there is none. Ids the model invented are returned separately.
 pub fn match_results(
     ids: &[&str],
     results: Vec<Value>,
     schema: &EnrichmentSchema,
-) -> (HashMap<String, Result<Value, String>>, Vec<String>) {
-    let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
+) -> (Vec<Result<Value, String>>, Vec<String>) {
+    /// The results that named one id.
+    enum Answered {
+        None,
+        Once(Value),
+        Times(usize),
+    }
+    let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut answered: Vec<Answered> = ids.iter().map(|_| Answered::None).collect();
     let mut unknown = Vec::new();
     for r in results {
-        let id = match r.get("id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => {
-                unknown.push("<no id>".to_string());
-                continue;
+        let at = match r.get("id") {
+            Some(Value::String(s)) => index.get(s.as_str()).ok_or_else(|| s.clone()),
+            Some(Value::Number(n)) => {
+                let s = n.to_string();
+                index.get(s.as_str()).ok_or(s)
             }
+            _ => Err("<no id>".to_string()),
         };
-        if ids.contains(&id.as_str()) {
-            by_id.entry(id).or_default().push(r);
-        } else {
-            unknown.push(id);
+        match at {
+            Ok(&i) => {
+                answered[i] = match std::mem::replace(&mut answered[i], Answered::None) {
+                    Answered::None => Answered::Once(r),
+                    Answered::Once(_) => Answered::Times(2),
+                    Answered::Times(n) => Answered::Times(n + 1),
+                }
+            }
+            Err(id) => unknown.push(id),
         }
     }
-    let mut out = HashMap::new();
-    for id in ids {
-        let outcome = match by_id.remove(*id) {
-            None => Err("missing from the answer".to_string()),
-            Some(mut v) if v.len() == 1 => schema
-                .validate(&v.remove(0))
+    let matched = answered
+        .into_iter()
+        .map(|a| match a {
+            Answered::None => Err("missing from the answer".to_string()),
+            Answered::Once(r) => schema
+                .validate_owned(r)
                 .map_err(|e| format!("invalid result: {e}")),
-            Some(v) => Err(format!("answered {} times", v.len())),
-        };
-        out.insert(id.to_string(), outcome);
-    }
-    (out, unknown)
+            Answered::Times(n) => Err(format!("answered {n} times")),
+        })
+        .collect();
+    (matched, unknown)
 }
 
 #[cfg(test)]
@@ -281,17 +292,38 @@ mod tests {
             json!({"id": 5, "sentiment": "neutral", "category": "c", "summary": "s"}),
         ];
         let (m, unknown) = match_results(&["1", "2", "3", "4", "5"], results, &s);
-        assert!(m["1"].is_ok());
-        assert_eq!(m["2"].as_ref().unwrap_err(), "answered 2 times");
+        assert_eq!(m.len(), 5);
+        assert!(m[0].is_ok());
+        assert_eq!(m[1].as_ref().unwrap_err(), "answered 2 times");
         assert!(
-            m["3"]
-                .as_ref()
+            m[2].as_ref()
                 .unwrap_err()
                 .starts_with("invalid result: sentiment")
         );
-        assert_eq!(m["4"].as_ref().unwrap_err(), "missing from the answer");
-        assert!(m["5"].is_ok(), "numeric ids match their text");
+        assert_eq!(m[3].as_ref().unwrap_err(), "missing from the answer");
+        assert!(m[4].is_ok(), "numeric ids match their text");
         assert_eq!(unknown, vec!["99"]);
+    }
+
+    #[test]
+    fn matches_come_in_the_order_asked_whatever_the_answers_order() {
+        let s = EnrichmentSchema::default();
+        let r = |id: &str, sentiment: &str| json!({"id": id, "sentiment": sentiment, "category": id, "summary": "s", "extra": 1});
+        let results = vec![r("c", "negative"), r("a", "positive"), r("b", "neutral")];
+        let (m, unknown) = match_results(&["a", "b", "c"], results, &s);
+        let got: Vec<Value> = m.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            got,
+            [
+                json!({"sentiment": "positive", "category": "a", "summary": "s"}),
+                json!({"sentiment": "neutral", "category": "b", "summary": "s"}),
+                json!({"sentiment": "negative", "category": "c", "summary": "s"}),
+            ]
+        );
+        // The schema's fields only, in the schema's order.
+        let keys: Vec<&String> = got[0].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["sentiment", "category", "summary"]);
+        assert!(unknown.is_empty());
     }
 
     #[test]

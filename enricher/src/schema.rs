@@ -84,12 +84,18 @@ impl EnrichmentSchema {
 
     /// Checks one result (without its `id`) and returns only the schema's fields.
     pub fn validate(&self, result: &Value) -> Result<Value, String> {
-        let obj = result
-            .as_object()
-            .ok_or("the result is not a JSON object")?;
+        self.validate_owned(result.clone())
+    }
+
+    /// [`Self::validate`], taking the result: its fields are moved, not copied, into the
+    /// clean one (in the schema's order).
+    pub fn validate_owned(&self, result: Value) -> Result<Value, String> {
+        let Value::Object(mut obj) = result else {
+            return Err("the result is not a JSON object".to_string());
+        };
         let mut clean = Map::new();
         for (name, spec) in &self.fields {
-            let Some(v) = obj.get(name).filter(|v| !v.is_null()) else {
+            let Some((key, v)) = obj.remove_entry(name).filter(|(_, v)| !v.is_null()) else {
                 if spec.required {
                     return Err(format!("{name} is missing"));
                 }
@@ -136,7 +142,7 @@ impl EnrichmentSchema {
                         .ok_or_else(|| format!("{name} is not a boolean: {v}"))?;
                 }
             }
-            clean.insert(name.clone(), v.clone());
+            clean.insert(key, v);
         }
         Ok(Value::Object(clean))
     }
