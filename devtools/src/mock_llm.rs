@@ -286,8 +286,9 @@ fn record_refs(input: &Value) -> Vec<(Value, &Value)> {
         .unwrap_or_default()
 }
 
-fn tokens(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(4)
+/// Tokens of a text of `chars` bytes: a quarter, rounded up.
+fn tokens(chars: usize) -> u64 {
+    (chars as u64).div_ceil(4)
 }
 
 fn api_error(status: StatusCode, message: &str, kind: &str) -> Response {
@@ -331,11 +332,12 @@ async fn completions(
         .get("messages")
         .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice);
-    let prompt_text: String = messages
+    // The prompt is every message's content joined by newlines: its length, without the copy.
+    let (contents, content_chars) = messages
         .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_str))
-        .collect::<Vec<_>>()
-        .join("\n");
+        .fold((0usize, 0usize), |(n, len), c| (n + 1, len + c.len()));
+    let prompt_chars = content_chars + contents.saturating_sub(1);
     let Some(user) = messages
         .iter()
         .rev()
@@ -361,7 +363,7 @@ async fn completions(
     let records = record_refs(&input);
     // Each record's JSON, once: counted, hashed, searched for the poison.
     let record_texts: Vec<String> = records.iter().map(|(_, r)| r.to_string()).collect();
-    let prompt_tokens = tokens(&prompt_text);
+    let prompt_tokens = tokens(prompt_chars);
 
     // Count, rate-limit, and pick this request's faults.
     let now = tokio::time::Instant::now();
@@ -507,9 +509,12 @@ async fn completions(
         e["id"] = json!(format!("invented-{n}"));
         results.push(e);
     }
-    let result_chars: usize = results.iter().map(|r| r.to_string().len()).sum();
     let record_chars: usize = record_texts.iter().map(String::len).sum();
+    let answered = results.len();
     let mut content = json!({"results": results}).to_string();
+    // Each result's own JSON is in `{"results":[r1,r2,…]}`: its length, without serializing
+    // each again.
+    let result_chars = content.len() - r#"{"results":[]}"#.len() - answered.saturating_sub(1);
     let mut finish = "stop";
     if roll(n, 4, config.invalid_json_rate) {
         content = format!(
@@ -522,7 +527,7 @@ async fn completions(
     } else if n % 2 == 0 {
         content = format!("```json\n{content}\n```");
     }
-    let completion_tokens = tokens(&content);
+    let completion_tokens = tokens(content.len());
     {
         let mut c = mock
             .counters
@@ -532,7 +537,7 @@ async fn completions(
         c.tokens += prompt_tokens + completion_tokens;
         c.prompt_tokens += prompt_tokens;
         c.completion_tokens += completion_tokens;
-        c.prompt_chars += prompt_text.len() as u64;
+        c.prompt_chars += prompt_chars as u64;
         c.record_chars += record_chars as u64;
         c.result_chars += result_chars as u64;
         c.records_served += records.len() as u64;
@@ -631,6 +636,46 @@ mod tests {
         assert_eq!(e["sentiment"], "negative");
         assert_eq!(e["category"], "support_ticket");
         assert!(e["summary"].as_str().unwrap().split_whitespace().count() <= 12);
+    }
+
+    #[tokio::test]
+    async fn counted_characters_and_tokens_are_those_of_the_texts() {
+        let mock = Arc::new(Mock::new(MockConfig::default()));
+        let records = json!({"a": {"headline": "ACME beats"}, "b": {"message": "Checkout \"failed\""}, "c": {}});
+        let system = "Enrich each record.";
+        let body = json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": records.to_string()},
+        ]});
+        let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&bytes).unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        let results: Value = serde_json::from_str(content).unwrap();
+        let results = results["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3);
+        // The prompt: the messages' contents joined by a newline.
+        let prompt = format!("{system}\n{records}");
+        let stats = mock.stats();
+        assert_eq!(stats["prompt_chars"], prompt.len());
+        assert_eq!(stats["prompt_tokens"], prompt.len().div_ceil(4));
+        assert_eq!(stats["completion_tokens"], content.len().div_ceil(4));
+        assert_eq!(
+            stats["result_chars"],
+            results.iter().map(|r| r.to_string().len()).sum::<usize>()
+        );
+        assert_eq!(
+            stats["record_chars"],
+            records
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|r| r.to_string().len())
+                .sum::<usize>()
+        );
     }
 
     #[test]
