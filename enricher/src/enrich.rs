@@ -237,8 +237,18 @@ impl BatchProcessor {
         }
     }
 
-    /// Enriches `items`, retrying and splitting as described in the module docs.
+    /// Enriches `items`, retrying and splitting as described in the module docs. Their ids
+    /// must be distinct, as a batch's are ([`crate::batching`] starts a new batch at a
+    /// repeated id): an answer's results are matched to the records by id.
     pub async fn process(&self, items: Vec<Item>) -> BatchResult {
+        debug_assert!(
+            {
+                let mut ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+                ids.sort_unstable();
+                ids.windows(2).all(|w| w[0] != w[1])
+            },
+            "a batch's ids are distinct"
+        );
         let mut result = BatchResult::default();
         let mut queue: VecDeque<Vec<Item>> = VecDeque::from([items]);
         let model = self.settings.model.clone();
