@@ -293,6 +293,7 @@ pub async fn shared_postgres() -> Result<String> {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    admin_url: String,
 }
 
 impl TestDb {
@@ -311,11 +312,26 @@ impl TestDb {
         config.dbname(&name);
         let url = replace_dbname(admin_url, &name)?;
         drop(config);
-        Ok(Self { name, url })
+        Ok(Self {
+            name,
+            url,
+            admin_url: admin_url.to_string(),
+        })
     }
 
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         connect(&self.url).await
+    }
+
+    /// Drops the database (its sessions ended by force): for a benchmark's runs one after
+    /// another, so the last run's rows leave no autovacuum to the next. Tests leave theirs
+    /// to the server's end.
+    pub async fn drop_database(self) -> Result<()> {
+        connect(&self.admin_url)
+            .await?
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await
+            .with_context(|| format!("dropping database {}", self.name))
     }
 }
 
