@@ -17,12 +17,13 @@ use sha2::{Digest, Sha256};
 /// The content key of `payload` with the JSON pointers in `ignore` left out; `None` when the
 /// payload is not JSON (it then never matches a stored enrichment).
 pub fn content_key(payload: &RawValue, ignore: &[String]) -> Option<String> {
-    // serde_json reads an object whose first key is one of its private tokens as something
-    // else (with `raw_value`: the string's JSON); the keys were computed through its `Value`.
-    if payload.get().contains("\"$serde_json::private::") {
-        return via_value(payload.get(), ignore);
-    }
-    let mut value: Json = serde_json::from_str(payload.get()).ok()?;
+    let mut value: Json = match serde_json::from_str(payload.get()) {
+        Ok(value) => value,
+        // A key that is one of serde_json's private tokens, however escaped ([`Key`] refuses
+        // it): its `Value` reads such an object as something else (with `raw_value`: the
+        // string's JSON), and the keys were computed through `Value`.
+        Err(_) => return via_value(payload.get(), ignore),
+    };
     for pointer in ignore {
         remove(&mut value, pointer);
     }
@@ -114,8 +115,20 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 }
 
-/// An object's key, borrowed from the text when it has no escapes.
+/// An object's key, borrowed from the text when it has no escapes. A key that starts with
+/// serde_json's private prefix is refused (see [`content_key`]).
 struct Key<'a>(Cow<'a, str>);
+
+const PRIVATE: &str = "$serde_json::private::";
+
+impl<'a> Key<'a> {
+    fn checked<E: de::Error>(key: Cow<'a, str>) -> Result<Self, E> {
+        if key.starts_with(PRIVATE) {
+            return Err(E::custom("a key with serde_json's private prefix"));
+        }
+        Ok(Key(key))
+    }
+}
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -126,13 +139,13 @@ impl<'de> Deserialize<'de> for Key<'de> {
                 f.write_str("an object key")
             }
             fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(s)))
+                Key::checked(Cow::Borrowed(s))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(s.to_owned())))
+                Key::checked(Cow::Owned(s.to_owned()))
             }
             fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(s)))
+                Key::checked(Cow::Owned(s))
             }
         }
         d.deserialize_str(KeyVisitor)
@@ -387,6 +400,8 @@ mod tests {
             r#"{"$serde_json::private::RawValue":"{\"b\":1,\"a\":2}"}"#,
             r#"{"x":{"$serde_json::private::RawValue":"[2,1]"},"y":1}"#,
             r#"{"$serde_json::private::RawValue":"[2,1]","more":1}"#,
+            r#"{"\u0024serde_json::private::RawValue":"[2,1]"}"#,
+            r#"{"$serde_json::private::Raw\u0056alue":"{\"b\":1}"}"#,
         ];
         let ignores: [&[&str]; 10] = [
             &[],
