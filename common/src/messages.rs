@@ -227,8 +227,9 @@ pub struct EnrichedRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
     pub payload: Box<RawValue>,
-    /// The validated enrichment object (default: sentiment, category, summary).
-    pub enrichment: serde_json::Value,
+    /// The validated enrichment object (default: sentiment, category, summary), as the JSON
+    /// text the enricher wrote: the writer stores it as `jsonb` without parsing it.
+    pub enrichment: Box<RawValue>,
     pub model: String,
     pub prompt_version: String,
     pub usage: Usage,
@@ -254,7 +255,7 @@ impl PartialEq for EnrichedRecord {
         self.id == other.id
             && self.updated_at == other.updated_at
             && self.payload.get() == other.payload.get()
-            && self.enrichment == other.enrichment
+            && self.enrichment.get() == other.enrichment.get()
             && self.model == other.model
             && self.prompt_version == other.prompt_version
             && self.usage == other.usage
@@ -562,6 +563,19 @@ mod tests {
     }
 
     #[test]
+    fn an_enriched_records_enrichment_is_carried_as_the_enrichers_text() {
+        // The wire format is the one a `serde_json::Value` field wrote: the object inline,
+        // compact; decoded, it is the same text, which the writer sends as jsonb unparsed.
+        let text = r#"{"sentiment":"positive","category":"quote","summary":"up"}"#;
+        let wire = format!(
+            r#"{{"id":"1","payload":{{"id":1}},"enrichment":{text},"model":"m","prompt_version":"v1","usage":{{"prompt_tokens":1,"completion_tokens":2,"cost_usd":0.5}},"enriched_at":"2026-11-01T10:06:00Z"}}"#
+        );
+        let r: EnrichedRecord = serde_json::from_str(&wire).unwrap();
+        assert_eq!(r.enrichment.get(), text);
+        assert_eq!(serde_json::to_string(&r).unwrap(), wire);
+    }
+
+    #[test]
     fn every_envelope_round_trips() {
         let c = chunk();
         round_trip(&c);
@@ -575,7 +589,10 @@ mod tests {
                 id: "1".into(),
                 updated_at: None,
                 payload: RawValue::from_string("{\"id\":1}".into()).unwrap(),
-                enrichment: serde_json::json!({"sentiment":"positive","category":"quote","summary":"up"}),
+                enrichment: RawValue::from_string(
+                    r#"{"sentiment":"positive","category":"quote","summary":"up"}"#.into(),
+                )
+                .unwrap(),
                 model: "deepseek-v3.2".into(),
                 prompt_version: "v1-abc".into(),
                 usage: Usage {

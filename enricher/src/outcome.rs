@@ -93,7 +93,9 @@ fn enriched(
         id: record.id,
         updated_at: record.updated_at,
         payload: record.payload,
-        enrichment,
+        // Written once, here, as the text the chunk carries: the writer stores it as is.
+        enrichment: serde_json::value::to_raw_value(&enrichment)
+            .expect("a serde_json::Value always serializes (string keys, finite numbers)"),
         model: model.to_string(),
         prompt_version: prompt_version.to_string(),
         usage,

@@ -303,7 +303,7 @@ async fn copy_rows(
             &c.source,
             &r.id,
             &RawJsonb(r.payload.get()),
-            &r.enrichment,
+            &RawJsonb(r.enrichment.get()),
             &r.model,
             &r.prompt_version,
             &row.content_hash,
@@ -450,7 +450,7 @@ mod tests {
                         serde_json::json!({ "t": t }).to_string(),
                     )
                     .unwrap(),
-                    enrichment: serde_json::json!({}),
+                    enrichment: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
                     model: "m".into(),
                     prompt_version: "p".into(),
                     usage: Usage::default(),

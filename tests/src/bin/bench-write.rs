@@ -44,7 +44,10 @@ fn record(i: u64, now: chrono::DateTime<chrono::Utc>, version: i64) -> EnrichedR
             json!({"id": i, "symbol": "ACME", "price": 12.5 + i as f64 / 100.0, "headline": format!("ACME trades flat, tick {i}, version {version}")}).to_string(),
         )
         .expect("valid JSON"),
-        enrichment: json!({"sentiment": "neutral", "category": "market", "summary": "ACME trades flat."}),
+        enrichment: serde_json::value::to_raw_value(
+            &json!({"sentiment": "neutral", "category": "market", "summary": "ACME trades flat."}),
+        )
+        .expect("a Value serializes"),
         model: "deepseek-v3.2".into(),
         prompt_version: "v1-bench".into(),
         usage: Usage { prompt_tokens: 40, completion_tokens: 20, cost_usd: 0.000_025 },

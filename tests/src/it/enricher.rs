@@ -213,7 +213,8 @@ async fn happy_path_batches_across_chunks_and_matches_every_id() -> Result<()> {
         assert_eq!(chunk.source, "user_events");
         for r in &chunk.records {
             let original: Value = serde_json::from_str(by_id[&r.id].payload.get())?;
-            assert_eq!(r.enrichment, mock_llm::enrich(&original), "record {}", r.id);
+            let enrichment: Value = serde_json::from_str(r.enrichment.get())?;
+            assert_eq!(enrichment, mock_llm::enrich(&original), "record {}", r.id);
             assert_eq!(r.payload.get(), by_id[&r.id].payload.get());
             assert_eq!(r.model, "deepseek-v3.2");
             assert!(r.prompt_version.starts_with("v1-"));

@@ -107,7 +107,10 @@ pub(super) fn chunk(source: &str, records: &[(&str, &str, &str)]) -> EnrichedChu
                 json!({"id": id, "text": text}).to_string(),
             )
             .unwrap(),
-            enrichment: json!({"sentiment": "neutral", "category": "test", "summary": text}),
+            enrichment: serde_json::value::to_raw_value(
+                &json!({"sentiment": "neutral", "category": "test", "summary": text}),
+            )
+            .unwrap(),
             model: "m".into(),
             prompt_version: "v1-test".into(),
             usage: Usage {
@@ -366,7 +369,9 @@ async fn the_same_content_takes_a_newer_different_enrichment_but_never_a_reused_
         c.chunk_id = format!("variant-{n}");
         let r = &mut c.records[0];
         r.prompt_version = prompt.into();
-        r.enrichment["summary"] = json!(summary);
+        let mut enrichment: serde_json::Value = serde_json::from_str(r.enrichment.get()).unwrap();
+        enrichment["summary"] = json!(summary);
+        r.enrichment = serde_json::value::to_raw_value(&enrichment).unwrap();
         r.enriched_at = base + chrono::Duration::minutes(minutes);
         r.reused = reused;
         c

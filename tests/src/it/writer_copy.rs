@@ -52,7 +52,10 @@ fn chunk(source: &str, ids: &[u32], text: &str, updated_at: DateTime<Utc>) -> En
                     .to_string(),
             )
             .unwrap(),
-            enrichment: json!({"sentiment": "neutral", "category": "test", "summary": text}),
+            enrichment: serde_json::value::to_raw_value(
+                &json!({"sentiment": "neutral", "category": "test", "summary": text}),
+            )
+            .unwrap(),
             model: "m".into(),
             prompt_version: "v1-test".into(),
             usage: Usage {
