@@ -227,8 +227,9 @@ pub struct EnrichedRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
     pub payload: Box<RawValue>,
-    /// The validated enrichment object (default: sentiment, category, summary), as the JSON
-    /// text the enricher wrote: the writer stores it as `jsonb` without parsing it.
+    /// The validated enrichment object (default: sentiment, category, summary), kept as the
+    /// JSON text the enricher wrote (on the wire, the same inline object a `Value` wrote): the
+    /// writer sends it as `jsonb` without building a `Value` of it.
     pub enrichment: Box<RawValue>,
     pub model: String,
     pub prompt_version: String,
@@ -570,9 +571,20 @@ mod tests {
         let wire = format!(
             r#"{{"id":"1","payload":{{"id":1}},"enrichment":{text},"model":"m","prompt_version":"v1","usage":{{"prompt_tokens":1,"completion_tokens":2,"cost_usd":0.5}},"enriched_at":"2026-11-01T10:06:00Z"}}"#
         );
-        let r: EnrichedRecord = serde_json::from_str(&wire).unwrap();
+        let mut r: EnrichedRecord = serde_json::from_str(&wire).unwrap();
         assert_eq!(r.enrichment.get(), text);
         assert_eq!(serde_json::to_string(&r).unwrap(), wire);
+        // What the enricher writes (`to_raw_value` of the validated object) is what a `Value`
+        // field wrote: the record's text equals its re-serialization through `Value`.
+        let v = serde_json::json!({"sentiment": "neutral", "category": "a \"b\" é", "summary": "x y", "score": 1.5});
+        r.enrichment = serde_json::value::to_raw_value(&v).unwrap();
+        let wire = serde_json::to_string(&r).unwrap();
+        let through_value = serde_json::to_string(&serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(wire, through_value);
+        assert!(wire.contains(&format!(
+            r#""enrichment":{}"#,
+            serde_json::to_string(&v).unwrap()
+        )));
     }
 
     #[test]
