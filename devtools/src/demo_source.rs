@@ -216,6 +216,11 @@ impl Demo {
 
     /// Record `id` of `kind`, deterministic.
     pub fn record(&self, kind: Kind, id: u64) -> Value {
+        serde_json::to_value(self.typed_record(kind, id)).unwrap_or(Value::Null)
+    }
+
+    /// [`Demo::record`] as a struct: what a page serializes, without building a [`Value`].
+    fn typed_record(&self, kind: Kind, id: u64) -> Record {
         let h = splitmix(id ^ kind.salt());
         let updated_at = self
             .updated_at(id)
@@ -236,15 +241,15 @@ impl Demo {
                 let symbol = SYMBOLS[(h % 8) as usize];
                 let price = 20.0 + (h >> 8) as f64 % 48000.0 / 100.0;
                 let change = ((h >> 24) % 1000) as f64 / 100.0 - 5.0;
-                json!({
-                    "id": id,
-                    "symbol": symbol,
-                    "price": (price * 100.0).round() / 100.0,
-                    "change_pct": (change * 100.0).round() / 100.0,
-                    "volume": (h >> 32) % 5_000_000,
-                    "headline": format!("{symbol} {}", NEWS[((h >> 40) % 6) as usize]),
-                    "updated_at": updated_at,
-                })
+                Record::Market {
+                    id,
+                    symbol,
+                    price: (price * 100.0).round() / 100.0,
+                    change_pct: (change * 100.0).round() / 100.0,
+                    volume: (h >> 32) % 5_000_000,
+                    headline: format!("{symbol} {}", NEWS[((h >> 40) % 6) as usize]),
+                    updated_at,
+                }
             }
             Kind::UserEvents => {
                 const EVENTS: [&str; 5] =
@@ -257,14 +262,14 @@ impl Demo {
                     "Great support, my issue was solved in minutes",
                     "Pricing page is confusing",
                 ];
-                json!({
-                    "id": id,
-                    "user_id": format!("u-{:05}", h % 50_000),
-                    "event": EVENTS[((h >> 16) % 5) as usize],
-                    "channel": if h & 1 == 0 { "web" } else { "mobile" },
-                    "message": MESSAGES[((h >> 24) % 6) as usize],
-                    "updated_at": updated_at,
-                })
+                Record::Event {
+                    id,
+                    user_id: format!("u-{:05}", h % 50_000),
+                    event: EVENTS[((h >> 16) % 5) as usize],
+                    channel: if h & 1 == 0 { "web" } else { "mobile" },
+                    message: MESSAGES[((h >> 24) % 6) as usize],
+                    updated_at,
+                }
             }
         }
     }
@@ -278,6 +283,29 @@ impl Demo {
             *f = faults;
         }
     }
+}
+
+/// A demo record, its fields in the order they are served.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Record {
+    Market {
+        id: u64,
+        symbol: &'static str,
+        price: f64,
+        change_pct: f64,
+        volume: u64,
+        headline: String,
+        updated_at: String,
+    },
+    Event {
+        id: u64,
+        user_id: String,
+        event: &'static str,
+        channel: &'static str,
+        message: &'static str,
+        updated_at: String,
+    },
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -363,10 +391,12 @@ async fn page(
     let total = (available + 1).saturating_sub(first);
     let start = first + (page - 1) * limit;
     let end = (start + limit - 1).min(available);
-    let data: Vec<Value> = if start > available {
+    let data: Vec<Record> = if start > available {
         Vec::new()
     } else {
-        (start..=end).map(|id| demo.record(kind, id)).collect()
+        (start..=end)
+            .map(|id| demo.typed_record(kind, id))
+            .collect()
     };
     demo.served.fetch_add(data.len() as u64, Ordering::Relaxed);
     if !data.is_empty() {
@@ -521,6 +551,18 @@ mod tests {
         assert_eq!(d.record(Kind::MarketData, 3), d.record(Kind::MarketData, 3));
         assert_ne!(d.record(Kind::MarketData, 3), d.record(Kind::UserEvents, 3));
         assert_eq!(d.record(Kind::UserEvents, 4)["id"], 4);
+        // The fields, in the order a page serves them.
+        let keys = |k| {
+            let r = d.record(k, 3);
+            r.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+        };
+        let market = ["id", "symbol", "price", "change_pct", "volume", "headline"];
+        let events = ["id", "user_id", "event", "channel", "message", "updated_at"];
+        assert_eq!(
+            keys(Kind::MarketData),
+            [&market[..], &["updated_at"]].concat()
+        );
+        assert_eq!(keys(Kind::UserEvents), events);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! apart) and `records_sent_again` (the difference: redeliveries and retries); and
 //! `calls_per_id`, calls by record id across all sources.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+mod judge;
+mod wire;
+
+pub use judge::{Judgement, enrich};
+pub use wire::input_records;
+use wire::{Answer, Category, incoming};
 
 /// mock-llm's switches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -153,74 +161,6 @@ fn roll(n: u64, salt: u64, rate: f64) -> bool {
     rate > 0.0 && (splitmix(n ^ salt) % 10_000) < (rate * 10_000.0) as u64
 }
 
-fn text_of(v: &Value, out: &mut String) {
-    match v {
-        Value::String(s) => {
-            out.push_str(s);
-            out.push(' ');
-        }
-        Value::Array(a) => a.iter().for_each(|x| text_of(x, out)),
-        Value::Object(o) => o.values().for_each(|x| text_of(x, out)),
-        _ => {}
-    }
-}
-
-const POSITIVE: [&str; 12] = [
-    "love",
-    "great",
-    "beats",
-    "raises",
-    "rise",
-    "solved",
-    "buyback",
-    "launches",
-    "saves",
-    "good",
-    "excellent",
-    "happy",
-];
-const NEGATIVE: [&str; 12] = [
-    "fail",
-    "falls",
-    "warning",
-    "investigation",
-    "confusing",
-    "logging me out",
-    "error",
-    "bad",
-    "broken",
-    "slow",
-    "angry",
-    "crash",
-];
-
-/// The deterministic enrichment of one record.
-pub fn enrich(record: &Value) -> Value {
-    let mut text = String::new();
-    text_of(record, &mut text);
-    let lower = text.to_lowercase();
-    let score = POSITIVE.iter().filter(|w| lower.contains(*w)).count() as i64
-        - NEGATIVE.iter().filter(|w| lower.contains(*w)).count() as i64;
-    let sentiment = match score {
-        s if s > 0 => "positive",
-        s if s < 0 => "negative",
-        _ => "neutral",
-    };
-    let category = if record.get("symbol").is_some() {
-        "market".to_string()
-    } else if let Some(e) = record.get("event").and_then(Value::as_str) {
-        e.to_string()
-    } else {
-        "general".to_string()
-    };
-    let words: Vec<&str> = text
-        .split_whitespace()
-        .filter(|w| !w.contains("T") || w.len() < 20)
-        .take(12)
-        .collect();
-    json!({"sentiment": sentiment, "category": category, "summary": words.join(" ")})
-}
-
 /// A correct answer to a wire-protocol request (no faults), as the full completion JSON.
 pub fn good_answer(request: &Value) -> Value {
     let messages = request
@@ -250,40 +190,6 @@ pub fn good_answer(request: &Value) -> Value {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
     })
-}
-
-/// The `(id, record)` pairs of a user message: `{"<id>": <record>, ...}` (the protocol), or
-/// the older `{"records": [{"id", "record"}, ...]}`.
-pub fn input_records(input: &Value) -> Vec<(Value, Value)> {
-    record_refs(input)
-        .into_iter()
-        .map(|(id, record)| (id, record.clone()))
-        .collect()
-}
-
-/// [`input_records`] without copying the records.
-fn record_refs(input: &Value) -> Vec<(Value, &Value)> {
-    static NULL: Value = Value::Null;
-    if let Some(list) = input.get("records").and_then(Value::as_array) {
-        return list
-            .iter()
-            .map(|r| {
-                (
-                    r.get("id").cloned().unwrap_or(Value::Null),
-                    r.get("record").unwrap_or(&NULL),
-                )
-            })
-            .collect();
-    }
-    input
-        .as_object()
-        .map(|records| {
-            records
-                .iter()
-                .map(|(id, record)| (Value::String(id.clone()), record))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Tokens of a text of `chars` bytes: a quarter, rounded up.
@@ -349,10 +255,10 @@ async fn completions(
             "invalid_request_error",
         );
     };
-    let Some(input) = user
+    let Some(records) = user
         .get("content")
         .and_then(Value::as_str)
-        .and_then(|c| serde_json::from_str::<Value>(c).ok())
+        .and_then(incoming)
     else {
         return api_error(
             StatusCode::BAD_REQUEST,
@@ -360,9 +266,6 @@ async fn completions(
             "invalid_request_error",
         );
     };
-    let records = record_refs(&input);
-    // Each record's JSON, once: counted, hashed, searched for the poison.
-    let record_texts: Vec<String> = records.iter().map(|(_, r)| r.to_string()).collect();
     let prompt_tokens = tokens(prompt_chars);
 
     // Count, rate-limit, and pick this request's faults.
@@ -408,14 +311,14 @@ async fn completions(
         } else {
             c.window.push_back((now, prompt_tokens));
             c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
-            for ((id, _), content) in records.iter().zip(&record_texts) {
+            for (id, content) in &records {
                 let id = id
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| id.to_string());
                 *c.calls_per_id.entry(id).or_default() += 1;
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(content, &mut h);
+                std::hash::Hash::hash(&**content, &mut h);
                 *c.calls_per_record
                     .entry(std::hash::Hasher::finish(&h))
                     .or_default() += 1;
@@ -472,10 +375,9 @@ async fn completions(
             "server_error",
         );
     }
-    let mut results: Vec<Value> = records
+    let mut results: Vec<Answer> = records
         .iter()
-        .zip(&record_texts)
-        .map(|((id, record), text)| {
+        .map(|(id, text)| {
             let poisoned = config.poison.as_deref().is_some_and(|p| text.contains(p))
                 && config.poison_calls.is_none_or(|n| {
                     let key = id
@@ -492,26 +394,38 @@ async fn completions(
                         .unwrap_or(0);
                     calls <= n
                 });
-            let mut e = if poisoned {
-                json!({"sentiment": "ecstatic", "category": 7})
+            if poisoned {
+                Answer {
+                    sentiment: "ecstatic",
+                    category: Category::Number(7),
+                    summary: None,
+                    id: Cow::Borrowed(id),
+                }
             } else {
-                enrich(record)
-            };
-            e["id"] = id.clone();
-            e
+                // The text parsed as JSON once already: it reads again.
+                let judgement =
+                    Judgement::of_json(text).unwrap_or_else(|| Judgement::of_value(&Value::Null));
+                Answer::judged(judgement, Cow::Borrowed(id))
+            }
         })
         .collect();
     if roll(n, 2, config.drop_id_rate) && !results.is_empty() {
         results.remove(splitmix(n) as usize % results.len());
     }
     if roll(n, 3, config.invent_id_rate) {
-        let mut e = enrich(&json!({}));
-        e["id"] = json!(format!("invented-{n}"));
-        results.push(e);
+        results.push(Answer::judged(
+            Judgement::of_value(&json!({})),
+            Cow::Owned(json!(format!("invented-{n}"))),
+        ));
     }
-    let record_chars: usize = record_texts.iter().map(String::len).sum();
+    let record_chars: usize = records.iter().map(|(_, text)| text.len()).sum();
     let answered = results.len();
-    let mut content = json!({"results": results}).to_string();
+    #[derive(Serialize)]
+    struct Results<'a> {
+        results: &'a [Answer<'a>],
+    }
+    let mut content = serde_json::to_string(&Results { results: &results })
+        .expect("strings and numbers serialize");
     // Each result's own JSON is in `{"results":[r1,r2,…]}`: its length, without serializing
     // each again.
     let result_chars = content.len() - r#"{"results":[]}"#.len() - answered.saturating_sub(1);
@@ -627,17 +541,6 @@ impl Drop for Running {
 mod tests {
     use super::*;
 
-    #[test]
-    fn enrichment_follows_the_text() {
-        let e = enrich(&json!({"symbol": "ACME", "headline": "ACME beats earnings expectations"}));
-        assert_eq!(e["sentiment"], "positive");
-        assert_eq!(e["category"], "market");
-        let e = enrich(&json!({"event": "support_ticket", "message": "Checkout failed twice"}));
-        assert_eq!(e["sentiment"], "negative");
-        assert_eq!(e["category"], "support_ticket");
-        assert!(e["summary"].as_str().unwrap().split_whitespace().count() <= 12);
-    }
-
     #[tokio::test]
     async fn counted_characters_and_tokens_are_those_of_the_texts() {
         let mock = Arc::new(Mock::new(MockConfig::default()));
@@ -675,6 +578,73 @@ mod tests {
                 .values()
                 .map(|r| r.to_string().len())
                 .sum::<usize>()
+        );
+    }
+
+    /// Answers `body` and returns the results of its content.
+    async fn results_of(mock: &Arc<Mock>, records: &Value) -> Vec<Value> {
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": records.to_string()},
+        ]});
+        let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&bytes).unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        let content = content
+            .trim_start_matches("```json\n")
+            .trim_end_matches("\n```");
+        let results: Value = serde_json::from_str(content).unwrap();
+        results["results"].as_array().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn answers_are_each_records_enrichment_with_its_id() {
+        let mock = Arc::new(Mock::new(MockConfig::default()));
+        let a = json!({"symbol": "ACME", "headline": "ACME beats earnings"});
+        let b = json!({"event": "support_ticket", "message": "Checkout failed"});
+        // The protocol, with a key twice: its first place, its last value.
+        let content = format!(r#"{{"x": {a}, "y": {b}, "x": {b}}}"#);
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+        let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&bytes).unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        let results: Value = serde_json::from_str(content).unwrap();
+        let with_id = |record: &Value, id: &str| {
+            let mut e = enrich(record);
+            e["id"] = json!(id);
+            e
+        };
+        assert_eq!(
+            results["results"],
+            json!([with_id(&b, "x"), with_id(&b, "y")])
+        );
+        assert_eq!(
+            results["results"][0]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["sentiment", "category", "summary", "id"]
+        );
+        // The older list of `{id, record}`, ids of any JSON type.
+        let old = json!({"records": [{"id": 1, "record": a}, {"id": "two", "record": b}]});
+        let mut one = enrich(&a);
+        one["id"] = json!(1);
+        assert_eq!(results_of(&mock, &old).await, vec![one, with_id(&b, "two")]);
+        // Poisoned records get an invalid result.
+        mock.set_config(MockConfig {
+            poison: Some("ACME".into()),
+            ..MockConfig::default()
+        });
+        assert_eq!(
+            results_of(&mock, &json!({"p": a})).await,
+            vec![json!({"sentiment": "ecstatic", "category": 7, "id": "p"})]
         );
     }
 
