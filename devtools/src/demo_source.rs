@@ -402,10 +402,27 @@ async fn page(
     if !data.is_empty() {
         demo.highest_served[kind.index()].fetch_max(end, Ordering::SeqCst);
     }
-    Json(json!({
-        "data": data,
-        "pagination": {"page": page, "limit": limit, "total": total, "total_pages": total.div_ceil(limit)},
-    }))
+    #[derive(Serialize)]
+    struct Page {
+        data: Vec<Record>,
+        pagination: Pagination,
+    }
+    #[derive(Serialize)]
+    struct Pagination {
+        page: u64,
+        limit: u64,
+        total: u64,
+        total_pages: u64,
+    }
+    Json(Page {
+        data,
+        pagination: Pagination {
+            page,
+            limit,
+            total,
+            total_pages: total.div_ceil(limit),
+        },
+    })
     .into_response()
 }
 
@@ -556,13 +573,22 @@ mod tests {
             let r = d.record(k, 3);
             r.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
         };
-        let market = ["id", "symbol", "price", "change_pct", "volume", "headline"];
+        let market = [
+            "id",
+            "symbol",
+            "price",
+            "change_pct",
+            "volume",
+            "headline",
+            "updated_at",
+        ];
         let events = ["id", "user_id", "event", "channel", "message", "updated_at"];
-        assert_eq!(
-            keys(Kind::MarketData),
-            [&market[..], &["updated_at"]].concat()
-        );
+        assert_eq!(keys(Kind::MarketData), market);
         assert_eq!(keys(Kind::UserEvents), events);
+        // Prices are floats (a whole one too), volumes integers.
+        let r = d.record(Kind::MarketData, 3);
+        assert!(r["price"].is_f64() && r["change_pct"].is_f64(), "{r}");
+        assert!(r["volume"].is_u64() && r["id"].is_u64(), "{r}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   `Retry-After` and `x-ratelimit-*` headers;
 //! * fractions of requests answered with a 500, invalid JSON, a truncated answer
 //!   (`finish_reason: "length"`), one id dropped, one id invented;
-//! * `poison`: records whose JSON contains this text always get an invalid result (only for
+//! * `poison`: records whose JSON, as sent, contains this text always get an invalid result (only for
 //!   their first `poison_calls` calls, when that is set);
 //! * `api_key`: when set, `Authorization: Bearer <key>` is required (401 otherwise).
 //!
@@ -39,7 +39,7 @@ mod wire;
 
 pub use judge::{Judgement, enrich};
 pub use wire::input_records;
-use wire::{Answer, Category, incoming};
+use wire::{Answer, Category, Incoming, incoming};
 
 /// mock-llm's switches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -192,6 +192,14 @@ pub fn good_answer(request: &Value) -> Value {
     })
 }
 
+/// Half of `text`'s length, moved back to a character's start (where it can be cut).
+fn half(text: &str) -> usize {
+    (0..=text.len() / 2)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
 /// Tokens of a text of `chars` bytes: a quarter, rounded up.
 fn tokens(chars: usize) -> u64 {
     (chars as u64).div_ceil(4)
@@ -311,14 +319,14 @@ async fn completions(
         } else {
             c.window.push_back((now, prompt_tokens));
             c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
-            for (id, content) in &records {
+            for Incoming { id, text, .. } in &records {
                 let id = id
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| id.to_string());
                 *c.calls_per_id.entry(id).or_default() += 1;
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&**content, &mut h);
+                std::hash::Hash::hash(&**text, &mut h);
                 *c.calls_per_record
                     .entry(std::hash::Hasher::finish(&h))
                     .or_default() += 1;
@@ -375,39 +383,44 @@ async fn completions(
             "server_error",
         );
     }
+    let record_chars: usize = records.iter().map(|r| r.text.len()).sum();
+    let received = records.len();
     let mut results: Vec<Answer> = records
-        .iter()
-        .map(|(id, text)| {
-            let poisoned = config.poison.as_deref().is_some_and(|p| text.contains(p))
-                && config.poison_calls.is_none_or(|n| {
-                    let key = id
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| id.to_string());
-                    let calls = mock
-                        .counters
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .calls_per_id
-                        .get(&key)
-                        .copied()
-                        .unwrap_or(0);
-                    calls <= n
-                });
-            if poisoned {
-                Answer {
-                    sentiment: "ecstatic",
-                    category: Category::Number(7),
-                    summary: None,
-                    id: Cow::Borrowed(id),
+        .into_iter()
+        .map(
+            |Incoming {
+                 id,
+                 text,
+                 judgement,
+             }| {
+                let poisoned = config.poison.as_deref().is_some_and(|p| text.contains(p))
+                    && config.poison_calls.is_none_or(|n| {
+                        let key = id
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| id.to_string());
+                        let calls = mock
+                            .counters
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .calls_per_id
+                            .get(&key)
+                            .copied()
+                            .unwrap_or(0);
+                        calls <= n
+                    });
+                if poisoned {
+                    Answer {
+                        sentiment: "ecstatic",
+                        category: Category::Number(7),
+                        summary: None,
+                        id: Cow::Owned(id),
+                    }
+                } else {
+                    Answer::judged(judgement, Cow::Owned(id))
                 }
-            } else {
-                // The text parsed as JSON once already: it reads again.
-                let judgement =
-                    Judgement::of_json(text).unwrap_or_else(|| Judgement::of_value(&Value::Null));
-                Answer::judged(judgement, Cow::Borrowed(id))
-            }
-        })
+            },
+        )
         .collect();
     if roll(n, 2, config.drop_id_rate) && !results.is_empty() {
         results.remove(splitmix(n) as usize % results.len());
@@ -418,7 +431,6 @@ async fn completions(
             Cow::Owned(json!(format!("invented-{n}"))),
         ));
     }
-    let record_chars: usize = records.iter().map(|(_, text)| text.len()).sum();
     let answered = results.len();
     #[derive(Serialize)]
     struct Results<'a> {
@@ -431,12 +443,9 @@ async fn completions(
     let result_chars = content.len() - r#"{"results":[]}"#.len() - answered.saturating_sub(1);
     let mut finish = "stop";
     if roll(n, 4, config.invalid_json_rate) {
-        content = format!(
-            "Sure! Here are the results: {}",
-            &content[..content.len() / 2]
-        );
+        content = format!("Sure! Here are the results: {}", &content[..half(&content)]);
     } else if roll(n, 5, config.truncate_rate) {
-        content.truncate(content.len() / 2);
+        content.truncate(half(&content));
         finish = "length";
     } else if n % 2 == 0 {
         content = format!("```json\n{content}\n```");
@@ -454,7 +463,7 @@ async fn completions(
         c.prompt_chars += prompt_chars as u64;
         c.record_chars += record_chars as u64;
         c.result_chars += result_chars as u64;
-        c.records_served += records.len() as u64;
+        c.records_served += received as u64;
         c.completions
             .push_back((tokio::time::Instant::now(), completion_tokens));
     }
@@ -646,6 +655,47 @@ mod tests {
             results_of(&mock, &json!({"p": a})).await,
             vec![json!({"sentiment": "ecstatic", "category": 7, "id": "p"})]
         );
+    }
+
+    #[tokio::test]
+    async fn a_message_or_record_that_is_not_json_is_refused() {
+        let mock = Arc::new(Mock::new(MockConfig::default()));
+        let status = |content: String| {
+            let mock = mock.clone();
+            async move {
+                let body =
+                    json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+                completions(State(mock), HeaderMap::new(), Json(body))
+                    .await
+                    .status()
+            }
+        };
+        for bad in [
+            r#"{"a": {"t": "\ud800"}}"#.to_string(),
+            r#"{"a": {"n": 1e400}}"#.to_string(),
+            format!(r#"{{"a": {}{}}}"#, "[".repeat(200), "]".repeat(200)),
+            "not json".to_string(),
+        ] {
+            assert_eq!(status(bad.clone()).await, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // JSON that holds no records: no results.
+        assert_eq!(results_of(&mock, &json!([])).await, Vec::<Value>::new());
+        assert_eq!(
+            results_of(&mock, &json!({"records": "not a list"}))
+                .await
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_text_is_halved_at_a_character() {
+        assert_eq!(half("abcd"), 2);
+        assert_eq!(half("aé"), 1); // é is bytes 1..3: its start.
+        assert_eq!(half("é"), 0);
+        assert_eq!(half(""), 0);
+        let s = "ééé";
+        assert!(s.is_char_boundary(half(s)));
     }
 
     #[test]

@@ -102,8 +102,10 @@ impl Judgement {
     }
 
     /// The judgement of a record's JSON text, read once without building a [`Value`]: the
-    /// same as [`Judgement::of_value`] of its parse (but for an object with a key twice, whose
-    /// every value counts here). `None` when `json` is not JSON.
+    /// same as [`Judgement::of_value`] of its parse, but for an object with a key twice: a
+    /// parse keeps the last value at the first place, here every value counts where it is.
+    /// `None` when `json` is not JSON (as a parse refuses it: a lone surrogate, a number
+    /// beyond `f64`, nesting deeper than 128).
     pub fn of_json(json: &str) -> Option<Self> {
         let mut text = String::new();
         let mut de = serde_json::Deserializer::from_str(json);
@@ -295,6 +297,17 @@ mod tests {
             "positive"
         );
         assert_eq!(Judgement::of_json("{"), None);
+        assert_eq!(Judgement::of_json(r#"{"a": "\ud800"}"#), None);
+        assert_eq!(Judgement::of_json(r#"{"a": 1e400}"#), None);
+        assert_eq!(
+            Judgement::of_json(&format!("{}{}", "[".repeat(200), "]".repeat(200))),
+            None
+        );
+        let huge = json!({"n": u64::MAX, "f": 1e300, "i": i64::MIN, "s": "good"});
+        assert_eq!(
+            Judgement::of_json(&huge.to_string()),
+            Some(Judgement::of_value(&huge))
+        );
         assert_eq!(Judgement::of_json(r#"{"a": 1} trailing"#), None);
     }
 }

@@ -43,28 +43,44 @@ fn record_refs(input: &Value) -> Vec<(Value, &Value)> {
         .unwrap_or_default()
 }
 
-/// The records of a user message, in order, as `(id, the record's JSON)`: for the protocol's
-/// `{"<id>": <record>, ...}` each record's text as sent (it is counted, hashed and searched,
-/// not parsed into a [`Value`]); the older `{"records": [...]}` through [`input_records`].
-/// `None` when the message is not JSON.
-pub(super) fn incoming(content: &str) -> Option<Vec<(Value, Cow<'_, str>)>> {
+/// One record of a user message: its id, its JSON text and its judgement.
+pub(super) struct Incoming<'a> {
+    pub id: Value,
+    pub text: Cow<'a, str>,
+    pub judgement: Judgement,
+}
+
+/// The records of a user message, in order: for the protocol's `{"<id>": <record>, ...}`
+/// each record's text as sent (it is counted, hashed and searched as sent, and judged in one
+/// pass over it, not parsed into a [`Value`]); the older `{"records": [...]}` through
+/// [`input_records`]. `None` when the message, or one of its records, is not JSON (a lone
+/// surrogate, a number beyond `f64`, nesting deeper than 128: what a full parse refuses).
+pub(super) fn incoming(content: &str) -> Option<Vec<Incoming<'_>>> {
     if let Ok(RawRecords(records)) = serde_json::from_str::<RawRecords>(content)
         && !records
             .iter()
             .any(|(id, r)| id == "records" && r.get().starts_with('['))
     {
-        return Some(
-            records
-                .into_iter()
-                .map(|(id, r)| (Value::String(id), Cow::Borrowed(r.get())))
-                .collect(),
-        );
+        return records
+            .into_iter()
+            .map(|(id, r)| {
+                Some(Incoming {
+                    id: Value::String(id),
+                    judgement: Judgement::of_json(r.get())?,
+                    text: Cow::Borrowed(r.get()),
+                })
+            })
+            .collect();
     }
     let input: Value = serde_json::from_str(content).ok()?;
     Some(
         record_refs(&input)
             .into_iter()
-            .map(|(id, r)| (id, Cow::Owned(r.to_string())))
+            .map(|(id, r)| Incoming {
+                id,
+                judgement: Judgement::of_value(r),
+                text: Cow::Owned(r.to_string()),
+            })
             .collect(),
     )
 }
