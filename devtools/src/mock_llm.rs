@@ -19,7 +19,6 @@
 //! apart) and `records_sent_again` (the difference: redeliveries and retries); and
 //! `calls_per_id`, calls by record id across all sources.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -414,10 +413,10 @@ async fn completions(
                         sentiment: "ecstatic",
                         category: Category::Number(7),
                         summary: None,
-                        id: Cow::Owned(id),
+                        id,
                     }
                 } else {
-                    Answer::judged(judgement, Cow::Owned(id))
+                    Answer::judged(judgement, id)
                 }
             },
         )
@@ -428,13 +427,13 @@ async fn completions(
     if roll(n, 3, config.invent_id_rate) {
         results.push(Answer::judged(
             Judgement::of_value(&json!({})),
-            Cow::Owned(json!(format!("invented-{n}"))),
+            json!(format!("invented-{n}")),
         ));
     }
     let answered = results.len();
     #[derive(Serialize)]
     struct Results<'a> {
-        results: &'a [Answer<'a>],
+        results: &'a [Answer],
     }
     let mut content = serde_json::to_string(&Results { results: &results })
         .expect("strings and numbers serialize");
@@ -559,13 +558,8 @@ mod tests {
             {"role": "system", "content": system},
             {"role": "user", "content": records.to_string()},
         ]});
-        let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let answer: Value = serde_json::from_slice(&bytes).unwrap();
-        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        let content = content_of(&mock, body).await;
+        let content = content.as_str();
         let results: Value = serde_json::from_str(content).unwrap();
         let results = results["results"].as_array().unwrap();
         assert_eq!(results.len(), 3);
@@ -590,18 +584,26 @@ mod tests {
         );
     }
 
-    /// Answers `body` and returns the results of its content.
-    async fn results_of(mock: &Arc<Mock>, records: &Value) -> Vec<Value> {
-        let body = json!({"model": "m", "messages": [
-            {"role": "user", "content": records.to_string()},
-        ]});
+    /// Answers `body` (with a 200) and returns its answer's content.
+    async fn content_of(mock: &Arc<Mock>, body: Value) -> String {
         let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
         assert_eq!(resp.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
             .unwrap();
         let answer: Value = serde_json::from_slice(&bytes).unwrap();
-        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Answers a user message of `records` and returns the results of its content.
+    async fn results_of(mock: &Arc<Mock>, records: &Value) -> Vec<Value> {
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": records.to_string()},
+        ]});
+        let content = content_of(mock, body).await;
         let content = content
             .trim_start_matches("```json\n")
             .trim_end_matches("\n```");
@@ -617,13 +619,7 @@ mod tests {
         // The protocol, with a key twice: its first place, its last value.
         let content = format!(r#"{{"x": {a}, "y": {b}, "x": {b}}}"#);
         let body = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
-        let resp = completions(State(mock.clone()), HeaderMap::new(), Json(body)).await;
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let answer: Value = serde_json::from_slice(&bytes).unwrap();
-        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
-        let results: Value = serde_json::from_str(content).unwrap();
+        let results: Value = serde_json::from_str(&content_of(&mock, body).await).unwrap();
         let with_id = |record: &Value, id: &str| {
             let mut e = enrich(record);
             e["id"] = json!(id);

@@ -122,12 +122,12 @@ impl<'de> Deserialize<'de> for RawRecords<'de> {
 
 /// One result of an answer, serialized in the order `{sentiment, category, summary, id}`.
 #[derive(Serialize)]
-pub(super) struct Answer<'a> {
+pub(super) struct Answer {
     pub sentiment: &'static str,
     pub category: Category,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
-    pub id: Cow<'a, Value>,
+    pub id: Value,
 }
 
 #[derive(Serialize)]
@@ -138,8 +138,8 @@ pub(super) enum Category {
     Number(u8),
 }
 
-impl<'a> Answer<'a> {
-    pub fn judged(j: Judgement, id: Cow<'a, Value>) -> Self {
+impl Answer {
+    pub fn judged(j: Judgement, id: Value) -> Self {
         Self {
             sentiment: j.sentiment,
             category: Category::Text(j.category),
