@@ -228,7 +228,8 @@ pub struct EnrichedRecord {
     pub updated_at: Option<DateTime<Utc>>,
     pub payload: Box<RawValue>,
     /// The validated enrichment object (default: sentiment, category, summary), kept as the
-    /// JSON text the enricher wrote (on the wire, the same inline object a `Value` wrote): the
+    /// JSON text the enricher wrote (on the wire, an inline object: the schema's fields in its
+    /// order, each value's text as the model wrote it): the
     /// writer sends it as `jsonb` without building a `Value` of it.
     pub enrichment: Box<RawValue>,
     pub model: String,

@@ -70,10 +70,11 @@ impl Item {
 }
 
 /// What became of a record.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
+    /// `enrichment`: the validated fields, as the text the enriched chunk carries.
     Enriched {
-        enrichment: Value,
+        enrichment: Box<RawValue>,
         usage: Usage,
     },
     Dead {
@@ -84,7 +85,7 @@ pub enum Outcome {
     /// A stored enrichment of the same content (same prompt version and model), not sent to
     /// the LLM: made at `enriched_at`, for `saved_usd`.
     Reused {
-        enrichment: Value,
+        enrichment: Box<RawValue>,
         enriched_at: chrono::DateTime<chrono::Utc>,
         saved_usd: f64,
     },

@@ -82,7 +82,7 @@ pub fn decide(
 /// `record` with its enrichment (made at `at`, for `usage`; `saved_usd` when reused).
 fn enriched(
     record: SourceRecord,
-    enrichment: serde_json::Value,
+    enrichment: Box<serde_json::value::RawValue>,
     model: &str,
     prompt_version: &str,
     usage: tardis_common::messages::Usage,
@@ -93,9 +93,8 @@ fn enriched(
         id: record.id,
         updated_at: record.updated_at,
         payload: record.payload,
-        // Written once, here, as the text the chunk carries: the writer stores it as is.
-        enrichment: serde_json::value::to_raw_value(&enrichment)
-            .expect("a serde_json::Value always serializes (string keys, finite numbers)"),
+        // The text the chunk carries: the writer stores it as is.
+        enrichment,
         model: model.to_string(),
         prompt_version: prompt_version.to_string(),
         usage,
@@ -354,7 +353,10 @@ mod tests {
                     }
                 } else {
                     Outcome::Enriched {
-                        enrichment: serde_json::json!({"sentiment": "positive"}),
+                        enrichment: serde_json::value::RawValue::from_string(
+                            r#"{"sentiment":"positive"}"#.into(),
+                        )
+                        .unwrap(),
                         usage: Usage::default(),
                     }
                 })

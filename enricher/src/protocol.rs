@@ -9,11 +9,12 @@
 
 use std::collections::HashMap;
 
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::schema::EnrichmentSchema;
+use crate::schema::{EnrichmentSchema, ReadResult};
 
 /// The default instructions; `{fields}` is replaced by the schema's fields. Short on purpose:
 /// it is sent with every request, so each of its characters is paid once per batch.
@@ -137,8 +138,9 @@ pub fn parse_answer(body: &[u8]) -> Result<Answer, String> {
     })
 }
 
-/// The `results` array of an answer's content (a ```json fence tolerated).
-pub fn results(content: &str) -> Result<Vec<Value>, String> {
+/// The `results` array of an answer's content (a ```json fence tolerated), each result as
+/// its raw text borrowed from `content`.
+pub fn results(content: &str) -> Result<Vec<&RawValue>, String> {
     let trimmed = content.trim();
     let inner = if let Some(rest) = trimmed.strip_prefix("```") {
         let rest = rest
@@ -149,15 +151,24 @@ pub fn results(content: &str) -> Result<Vec<Value>, String> {
     } else {
         trimmed
     };
-    let v: Value =
-        serde_json::from_str(inner).map_err(|e| format!("the answer is not valid JSON ({e})"))?;
-    // Taken out of the answer, not copied: the results are most of it.
-    match v {
-        Value::Object(mut answer) => match answer.swap_remove("results") {
-            Some(Value::Array(a)) => Ok(a),
-            _ => Err("the answer has no \"results\" array".into()),
+    /// The answer: only `results` is read, as raw results.
+    #[derive(Deserialize)]
+    struct Content<'a> {
+        #[serde(borrow)]
+        results: Option<Vec<&'a RawValue>>,
+    }
+    let no_results = || "the answer has no \"results\" array".to_string();
+    match serde_json::from_str::<Content<'_>>(inner) {
+        Ok(Content {
+            results: Some(results),
+        }) if inner.starts_with('{') => Ok(results),
+        Ok(_) => Err(no_results()),
+        // Why not: the JSON itself, or its shape.
+        Err(e) => match serde_json::from_str::<&RawValue>(inner) {
+            Err(e) => Err(format!("the answer is not valid JSON ({e})")),
+            Ok(_) if inner.starts_with('{') => Err(format!("{} ({e})", no_results())),
+            Ok(_) => Err(no_results()),
         },
-        _ => Err("the answer has no \"results\" array".into()),
     }
 }
 
@@ -165,31 +176,34 @@ pub fn results(content: &str) -> Result<Vec<Value>, String> {
 /// enrichment, or why there is none. Ids the model invented are returned separately.
 pub fn match_results(
     ids: &[&str],
-    results: Vec<Value>,
+    results: Vec<&RawValue>,
     schema: &EnrichmentSchema,
-) -> (Vec<Result<Value, String>>, Vec<String>) {
+) -> (Vec<Result<Box<RawValue>, String>>, Vec<String>) {
     /// The results that named one id.
-    enum Answered {
+    enum Answered<'a> {
         None,
-        Once(Value),
+        Once(ReadResult<'a>),
         Times(usize),
     }
     let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let mut answered: Vec<Answered> = ids.iter().map(|_| Answered::None).collect();
+    let mut answered: Vec<Answered<'_>> = ids.iter().map(|_| Answered::None).collect();
     let mut unknown = Vec::new();
     for r in results {
-        let at = match r.get("id") {
-            Some(Value::String(s)) => index.get(s.as_str()).ok_or_else(|| s.clone()),
-            Some(Value::Number(n)) => {
-                let s = n.to_string();
-                index.get(s.as_str()).ok_or(s)
+        let read = match schema.read(r) {
+            Ok(read) => read,
+            Err(_) => {
+                unknown.push("<no id>".to_string());
+                continue;
             }
-            _ => Err("<no id>".to_string()),
+        };
+        let at = match &read.id {
+            Some(id) => index.get(id.as_str()).ok_or_else(|| id.clone()),
+            None => Err("<no id>".to_string()),
         };
         match at {
             Ok(&i) => {
                 answered[i] = match std::mem::replace(&mut answered[i], Answered::None) {
-                    Answered::None => Answered::Once(r),
+                    Answered::None => Answered::Once(read),
                     Answered::Once(_) => Answered::Times(2),
                     Answered::Times(n) => Answered::Times(n + 1),
                 }
@@ -202,7 +216,7 @@ pub fn match_results(
         .map(|a| match a {
             Answered::None => Err("missing from the answer".to_string()),
             Answered::Once(r) => schema
-                .validate_owned(r)
+                .validated(&r)
                 .map_err(|e| format!("invalid result: {e}")),
             Answered::Times(n) => Err(format!("answered {n} times")),
         })
@@ -278,6 +292,64 @@ mod tests {
         );
     }
 
+    fn raw_all(values: &[Value]) -> Vec<Box<RawValue>> {
+        values
+            .iter()
+            .map(|v| serde_json::value::to_raw_value(v).unwrap())
+            .collect()
+    }
+
+    fn refs(raws: &[Box<RawValue>]) -> Vec<&RawValue> {
+        raws.iter().map(|r| &**r).collect()
+    }
+
+    #[test]
+    fn results_are_read_from_the_answer_text_escapes_and_all() {
+        let s = EnrichmentSchema::default();
+        // Escaped keys and values, an id given as a float and as a bool, a result that is not
+        // an object, a field given twice (the last counts), whitespace everywhere.
+        let content = r#" { "note": [1, {"results": 2}], "results" : [
+            {"id": "a", "sent\u0069ment": "posit\u0069ve", "category": "caf\u00e9",
+             "summary": "two\nwords", "extra": {"id": "b"}},
+            {"id": 5.0, "sentiment": "neutral", "category": "x", "summary": "s"},
+            {"id": true, "sentiment": "neutral", "category": "x", "summary": "s"},
+            ["a"],
+            {"id": "c", "sentiment": "meh", "category": "x", "summary": "s", "sentiment": "negative"}
+        ] } "#;
+        let results = results(content).unwrap();
+        assert_eq!(results.len(), 5);
+        let (m, unknown) = match_results(&["a", "5.0", "c", "b"], results, &s);
+        let a: Value = serde_json::from_str(m[0].as_ref().unwrap().get()).unwrap();
+        assert_eq!(
+            a,
+            json!({"sentiment": "positive", "category": "café", "summary": "two\nwords"})
+        );
+        assert!(m[1].is_ok(), "a float id matches its text");
+        let c: Value = serde_json::from_str(m[2].as_ref().unwrap().get()).unwrap();
+        assert_eq!(c["sentiment"], "negative");
+        assert_eq!(m[3].as_ref().unwrap_err(), "missing from the answer");
+        assert_eq!(unknown, ["<no id>", "<no id>"]);
+        // Not an answer, or not results.
+        for bad in [
+            "[1]",
+            "\"results\"",
+            "{\"results\": {}}",
+            "{\"results\": null}",
+        ] {
+            assert!(
+                super::results(bad)
+                    .unwrap_err()
+                    .contains("no \"results\" array"),
+                "{bad}"
+            );
+        }
+        assert!(
+            super::results("{\"results\": [1,]}")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+    }
+
     #[test]
     fn matching_finds_missing_duplicate_invalid_and_unknown_ids() {
         let s = EnrichmentSchema::default();
@@ -291,7 +363,8 @@ mod tests {
             good("99"),
             json!({"id": 5, "sentiment": "neutral", "category": "c", "summary": "s"}),
         ];
-        let (m, unknown) = match_results(&["1", "2", "3", "4", "5"], results, &s);
+        let raws = raw_all(&results);
+        let (m, unknown) = match_results(&["1", "2", "3", "4", "5"], refs(&raws), &s);
         assert_eq!(m.len(), 5);
         assert!(m[0].is_ok());
         assert_eq!(m[1].as_ref().unwrap_err(), "answered 2 times");
@@ -310,8 +383,12 @@ mod tests {
         let s = EnrichmentSchema::default();
         let r = |id: &str, sentiment: &str| json!({"id": id, "sentiment": sentiment, "category": id, "summary": "s", "extra": 1});
         let results = vec![r("c", "negative"), r("a", "positive"), r("b", "neutral")];
-        let (m, unknown) = match_results(&["a", "b", "c"], results, &s);
-        let got: Vec<Value> = m.into_iter().map(Result::unwrap).collect();
+        let raws = raw_all(&results);
+        let (m, unknown) = match_results(&["a", "b", "c"], refs(&raws), &s);
+        let got: Vec<Value> = m
+            .into_iter()
+            .map(|r| serde_json::from_str(r.unwrap().get()).unwrap())
+            .collect();
         assert_eq!(
             got,
             [
