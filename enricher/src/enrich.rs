@@ -304,7 +304,7 @@ impl BatchProcessor {
                 (None, Some(refusal)) => format!("refused: {refusal}").into(),
                 (None, None) => "".into(),
             };
-            let results = match protocol::results(&content) {
+            let results = match protocol::results(&content, &self.schema) {
                 Ok(r) => r,
                 Err(reason) => {
                     self.metrics

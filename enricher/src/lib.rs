@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod protocol;
+pub mod result_reader;
 pub mod schema;
 pub mod spend;
 

@@ -9,12 +9,12 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::schema::{EnrichmentSchema, ReadResult};
+use crate::result_reader::{AnswerContent, ReadResult, read_answer};
+use crate::schema::EnrichmentSchema;
 
 /// The default instructions; `{fields}` is replaced by the schema's fields. Short on purpose:
 /// it is sent with every request, so each of its characters is paid once per batch.
@@ -138,9 +138,13 @@ pub fn parse_answer(body: &[u8]) -> Result<Answer, String> {
     })
 }
 
-/// The `results` array of an answer's content (a ```json fence tolerated), each result as
-/// its raw text borrowed from `content`.
-pub fn results(content: &str) -> Result<Vec<&RawValue>, String> {
+/// The results of an answer's content (a ```json fence tolerated), each read against the
+/// schema by [`crate::result_reader`]: `None` for a result that is not an object. An answer
+/// that cannot be read, or has no `results` array, is an error for the whole batch.
+pub fn results<'a>(
+    content: &'a str,
+    schema: &EnrichmentSchema,
+) -> Result<Vec<Option<ReadResult<'a>>>, String> {
     let trimmed = content.trim();
     let inner = if let Some(rest) = trimmed.strip_prefix("```") {
         let rest = rest
@@ -151,24 +155,14 @@ pub fn results(content: &str) -> Result<Vec<&RawValue>, String> {
     } else {
         trimmed
     };
-    /// The answer: only `results` is read, as raw results.
-    #[derive(Deserialize)]
-    struct Content<'a> {
-        #[serde(borrow)]
-        results: Option<Vec<&'a RawValue>>,
-    }
-    let no_results = || "the answer has no \"results\" array".to_string();
-    match serde_json::from_str::<Content<'_>>(inner) {
-        Ok(Content {
-            results: Some(results),
-        }) if inner.starts_with('{') => Ok(results),
-        Ok(_) => Err(no_results()),
-        // Why not: the JSON itself, or its shape.
-        Err(e) => match serde_json::from_str::<&RawValue>(inner) {
-            Err(e) => Err(format!("the answer is not valid JSON ({e})")),
-            Ok(_) if inner.starts_with('{') => Err(format!("{} ({e})", no_results())),
-            Ok(_) => Err(no_results()),
-        },
+    let no_results = "the answer has no \"results\" array";
+    match read_answer(inner, schema) {
+        Ok(AnswerContent::Results(results)) => Ok(results),
+        Ok(AnswerContent::NoResults(None) | AnswerContent::NotAnObject) => {
+            Err(no_results.to_string())
+        }
+        Ok(AnswerContent::NoResults(Some(kind))) => Err(format!("{no_results} (it is {kind})")),
+        Err(e) => Err(format!("the answer is not valid JSON ({e})")),
     }
 }
 
@@ -176,7 +170,7 @@ pub fn results(content: &str) -> Result<Vec<&RawValue>, String> {
 /// enrichment, or why there is none. Ids the model invented are returned separately.
 pub fn match_results(
     ids: &[&str],
-    results: Vec<&RawValue>,
+    results: Vec<Option<ReadResult<'_>>>,
     schema: &EnrichmentSchema,
 ) -> (Vec<Result<Box<RawValue>, String>>, Vec<String>) {
     /// The results that named one id.
@@ -188,13 +182,10 @@ pub fn match_results(
     let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut answered: Vec<Answered<'_>> = ids.iter().map(|_| Answered::None).collect();
     let mut unknown = Vec::new();
-    for r in results {
-        let read = match schema.read(r) {
-            Ok(read) => read,
-            Err(_) => {
-                unknown.push("<no id>".to_string());
-                continue;
-            }
+    for read in results {
+        let Some(read) = read else {
+            unknown.push("<no id>".to_string());
+            continue;
         };
         let at = match &read.id {
             Some(id) => index.get(id.as_str()).ok_or_else(|| id.clone()),
@@ -273,6 +264,8 @@ mod tests {
 
     #[test]
     fn fenced_and_bare_results() {
+        let s = EnrichmentSchema::default();
+        let results = |content| super::results(content, &s);
         assert_eq!(
             results("```json\n{\"results\":[{\"id\":\"1\"}]}\n```")
                 .unwrap()
@@ -292,15 +285,9 @@ mod tests {
         );
     }
 
-    fn raw_all(values: &[Value]) -> Vec<Box<RawValue>> {
-        values
-            .iter()
-            .map(|v| serde_json::value::to_raw_value(v).unwrap())
-            .collect()
-    }
-
-    fn refs(raws: &[Box<RawValue>]) -> Vec<&RawValue> {
-        raws.iter().map(|r| &**r).collect()
+    /// An answer's content holding `results`.
+    fn answer(results: &[Value]) -> String {
+        json!({ "results": results }).to_string()
     }
 
     #[test]
@@ -316,7 +303,7 @@ mod tests {
             ["a"],
             {"id": "c", "sentiment": "meh", "category": "x", "summary": "s", "sentiment": "negative"}
         ] } "#;
-        let results = results(content).unwrap();
+        let results = results(content, &s).unwrap();
         assert_eq!(results.len(), 5);
         let (m, unknown) = match_results(&["a", "5.0", "c", "b"], results, &s);
         let a: Value = serde_json::from_str(m[0].as_ref().unwrap().get()).unwrap();
@@ -337,14 +324,14 @@ mod tests {
             "{\"results\": null}",
         ] {
             assert!(
-                super::results(bad)
+                super::results(bad, &s)
                     .unwrap_err()
                     .contains("no \"results\" array"),
                 "{bad}"
             );
         }
         assert!(
-            super::results("{\"results\": [1,]}")
+            super::results("{\"results\": [1,]}", &s)
                 .unwrap_err()
                 .contains("not valid JSON")
         );
@@ -363,8 +350,9 @@ mod tests {
             good("99"),
             json!({"id": 5, "sentiment": "neutral", "category": "c", "summary": "s"}),
         ];
-        let raws = raw_all(&results);
-        let (m, unknown) = match_results(&["1", "2", "3", "4", "5"], refs(&raws), &s);
+        let content = answer(&results);
+        let read = super::results(&content, &s).unwrap();
+        let (m, unknown) = match_results(&["1", "2", "3", "4", "5"], read, &s);
         assert_eq!(m.len(), 5);
         assert!(m[0].is_ok());
         assert_eq!(m[1].as_ref().unwrap_err(), "answered 2 times");
@@ -383,8 +371,9 @@ mod tests {
         let s = EnrichmentSchema::default();
         let r = |id: &str, sentiment: &str| json!({"id": id, "sentiment": sentiment, "category": id, "summary": "s", "extra": 1});
         let results = vec![r("c", "negative"), r("a", "positive"), r("b", "neutral")];
-        let raws = raw_all(&results);
-        let (m, unknown) = match_results(&["a", "b", "c"], refs(&raws), &s);
+        let content = answer(&results);
+        let read = super::results(&content, &s).unwrap();
+        let (m, unknown) = match_results(&["a", "b", "c"], read, &s);
         let got: Vec<Value> = m
             .into_iter()
             .map(|r| serde_json::from_str(r.unwrap().get()).unwrap())

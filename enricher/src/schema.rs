@@ -10,11 +10,12 @@
 //!  "summary":   {"type": "string", "max_words": 50}}
 //! ```
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer as _};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+
+use crate::result_reader::{ReadResult, read_result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,23 +91,14 @@ impl EnrichmentSchema {
     pub fn validate(&self, result: &Value) -> Result<Box<RawValue>, String> {
         let raw = serde_json::value::to_raw_value(result)
             .map_err(|e| format!("the result cannot be read: {e}"))?;
-        let read = self.read(&raw)?;
-        self.validated(&read)
+        match read_result(raw.get(), self) {
+            Ok(Some(read)) => self.validated(&read),
+            Ok(None) => Err("the result is not a JSON object".to_string()),
+            Err(e) => Err(format!("the result cannot be read: {e}")),
+        }
     }
 
-    /// One result of an answer as its `id` and the raw text of each of the schema's fields,
-    /// borrowed from the answer: nothing else is parsed or copied. A field given twice counts
-    /// as its last value (as a JSON object would keep it). Not an object: an error.
-    pub fn read<'a>(&self, result: &'a RawValue) -> Result<ReadResult<'a>, String> {
-        let mut de = serde_json::Deserializer::from_str(result.get());
-        let read = ResultSeed { schema: self }
-            .deserialize(&mut de)
-            .and_then(|r| de.end().map(|()| r))
-            .map_err(|e| format!("the result cannot be read: {e}"))?;
-        read.ok_or_else(|| "the result is not a JSON object".to_string())
-    }
-
-    /// Checks a result's fields (from [`Self::read`]) and writes the clean enrichment: the
+    /// Checks a result's fields (as [`crate::result_reader`] read them) and writes the clean enrichment: the
     /// schema's fields present, in its order, each value as the model wrote it.
     pub fn validated(&self, read: &ReadResult<'_>) -> Result<Box<RawValue>, String> {
         let mut ser = serde_json::Serializer::new(Vec::with_capacity(
@@ -198,16 +190,6 @@ impl EnrichmentSchema {
     }
 }
 
-/// A result of an answer as [`EnrichmentSchema::read`] found it.
-#[derive(Debug, Clone)]
-pub struct ReadResult<'a> {
-    /// The result's `id` as text (a number as its decimal text); `None` when it has none or
-    /// it is neither a string nor a number.
-    pub id: Option<String>,
-    /// Per schema field, in the schema's order: its raw value, when the result has it.
-    pub fields: Vec<Option<&'a RawValue>>,
-}
-
 /// Checks one field's raw value against its spec.
 fn check(name: &str, spec: &FieldSpec, v: &RawValue) -> Result<(), String> {
     let text = v.get();
@@ -219,8 +201,14 @@ fn check(name: &str, spec: &FieldSpec, v: &RawValue) -> Result<(), String> {
             let s: &str = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
                 Some(inner) if !inner.contains('\\') => inner,
                 _ => {
-                    owned = serde_json::from_str::<String>(text)
-                        .map_err(|_| format!("{name} is not a string: {text}"))?;
+                    owned = match serde_json::from_str::<String>(text) {
+                        Ok(s) => s,
+                        // A string, but one that cannot be decoded (a lone surrogate).
+                        Err(e) if text.starts_with('"') => {
+                            return Err(format!("{name} cannot be read: {e}"));
+                        }
+                        Err(_) => return Err(format!("{name} is not a string: {text}")),
+                    };
                     &owned
                 }
             };
@@ -261,172 +249,6 @@ fn check(name: &str, spec: &FieldSpec, v: &RawValue) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Reads one result against the schema: `None` when it is not an object.
-struct ResultSeed<'s> {
-    schema: &'s EnrichmentSchema,
-}
-
-impl<'de> DeserializeSeed<'de> for ResultSeed<'_> {
-    type Value = Option<ReadResult<'de>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ResultSeed<'_> {
-    type Value = Option<ReadResult<'de>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a result object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut read = ReadResult {
-            id: None,
-            fields: vec![None; self.schema.fields.len()],
-        };
-        while let Some(key) = map.next_key_seed(KeySeed {
-            schema: self.schema,
-        })? {
-            match key {
-                Key::Id => read.id = map.next_value::<IdText>()?.0,
-                Key::Field(i) => read.fields[i] = Some(map.next_value::<&'de RawValue>()?),
-                Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(Some(read))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-/// What a result's key names.
-enum Key {
-    Id,
-    Field(usize),
-    Other,
-}
-
-struct KeySeed<'s> {
-    schema: &'s EnrichmentSchema,
-}
-
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Key;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Key;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a key")
-    }
-
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
-        if key == "id" {
-            return Ok(Key::Id);
-        }
-        Ok(self
-            .schema
-            .fields
-            .iter()
-            .position(|(name, _)| name == key)
-            .map_or(Key::Other, Key::Field))
-    }
-}
-
-/// A result's `id` as text: a string as is, a number as its decimal text (`5`, `5.0`), anything
-/// else none.
-struct IdText(Option<String>);
-
-impl<'de> Deserialize<'de> for IdText {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = IdText;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an id")
-            }
-
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<IdText, E> {
-                Ok(IdText(Some(s.to_string())))
-            }
-
-            fn visit_string<E: de::Error>(self, s: String) -> Result<IdText, E> {
-                Ok(IdText(Some(s)))
-            }
-
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<IdText, E> {
-                Ok(IdText(Some(n.to_string())))
-            }
-
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<IdText, E> {
-                Ok(IdText(Some(n.to_string())))
-            }
-
-            fn visit_f64<E: de::Error>(self, n: f64) -> Result<IdText, E> {
-                Ok(IdText(
-                    serde_json::Number::from_f64(n).map(|n| n.to_string()),
-                ))
-            }
-
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<IdText, E> {
-                Ok(IdText(None))
-            }
-
-            fn visit_unit<E: de::Error>(self) -> Result<IdText, E> {
-                Ok(IdText(None))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IdText, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(IdText(None))
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IdText, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(IdText(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 #[cfg(test)]
@@ -627,6 +449,172 @@ mod tests {
             }
         }
         // Both kinds were seen, many times.
+        assert!(agreed.0 > 100 && agreed.1 > 100, "{agreed:?}");
+    }
+
+    /// A tiny deterministic generator for the text variants.
+    struct Walk(u64);
+
+    impl Walk {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) as usize % n
+        }
+
+        /// Some JSON whitespace, often none.
+        fn space(&mut self) -> &'static str {
+            [" ", "", "", "\n  ", "\t", "", " \r\n"][self.below(7)]
+        }
+
+        /// A string as JSON text, some of its characters written as `\u` escapes (a
+        /// surrogate pair beyond the BMP), some escapes as their short forms.
+        fn string(&mut self, choices: &[&str]) -> String {
+            let s = choices[self.below(choices.len())];
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str(["\\\"", "\\u0022"][self.below(2)]),
+                    '\\' => out.push_str("\\\\"),
+                    '\t' => out.push_str(["\\t", "\\u0009"][self.below(2)]),
+                    '\n' => out.push_str(["\\n", "\\u000A"][self.below(2)]),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c if self.below(3) == 0 => {
+                        let mut units = [0u16; 2];
+                        for u in c.encode_utf16(&mut units) {
+                            out.push_str(&format!("\\u{u:04X}"));
+                        }
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+    }
+
+    #[test]
+    fn raw_text_as_models_write_it_agrees_with_the_value_reference() {
+        let s = EnrichmentSchema::parse(
+            r#"{"s": {"type": "string", "enum": ["a b", "é", "x\"y"]},
+                "w": {"type": "string", "max_words": 2, "max_length": 5},
+                "n": {"type": "number"}, "i": {"type": "integer"}, "b": {"type": "boolean"},
+                "o": {"type": "string", "required": false}}"#,
+        )
+        .unwrap();
+        let strings = [
+            "a b",
+            "é",
+            "x\"y",
+            "one 😀",
+            "tab\there",
+            "new\nline",
+            "  ",
+            "",
+            "abcdef",
+            "a\\b",
+            "\u{1}",
+        ];
+        let numbers = [
+            "7",
+            "-7",
+            "-0",
+            "0",
+            "7.0",
+            "1E+3",
+            "1e3",
+            "2.50",
+            "25e-1",
+            "-0.0",
+            "1e300",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "0.1e1",
+        ];
+        let others = [
+            "true",
+            "false",
+            "null",
+            "{\"k\": 1}",
+            "[1, \"a\"]",
+            "[]",
+            "{}",
+        ];
+        let names = ["s", "w", "n", "i", "b", "o"];
+        let mut walk = Walk(0x2545_f491_4f6c_dd1d);
+        let mut agreed = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = format!("{{{}", walk.space());
+            let mut entries = vec![format!("\"id\":{}\"1\"", walk.space())];
+            for name in names {
+                if walk.below(12) == 0 {
+                    continue;
+                }
+                // Each field's value: mostly one the field accepts, else anything.
+                let value = |walk: &mut Walk| match (name, walk.below(3)) {
+                    ("s", 0 | 1) => walk.string(&["a b", "é", "x\"y"]),
+                    ("w", 0 | 1) => walk.string(&["a b", "é", "one 😀", "new\nl"]),
+                    ("o", 0 | 1) => walk.string(&strings),
+                    ("n", 0 | 1) => numbers[walk.below(numbers.len())].to_string(),
+                    ("i", 0 | 1) => {
+                        ["7", "-7", "-0", "0", "-9223372036854775808"][walk.below(5)].to_string()
+                    }
+                    ("b", 0 | 1) => others[walk.below(2)].to_string(),
+                    _ => match walk.below(3) {
+                        0 => others[walk.below(others.len())].to_string(),
+                        1 => numbers[walk.below(numbers.len())].to_string(),
+                        _ => walk.string(&strings),
+                    },
+                };
+                // Sometimes given twice (the last counts), sometimes with an escaped key.
+                for _ in 0..=usize::from(walk.below(8) == 0) {
+                    let key = match walk.below(4) {
+                        0 => format!("\"\\u{:04x}\"", name.as_bytes()[0]),
+                        _ => format!("\"{name}\""),
+                    };
+                    let v = value(&mut walk);
+                    entries.push(format!("{key}{}:{}{v}", walk.space(), walk.space()));
+                }
+                if walk.below(10) == 0 {
+                    entries.push(format!("\"x{name}\": {}", value(&mut walk)));
+                }
+            }
+            // The entries in a shuffled order.
+            for i in (1..entries.len()).rev() {
+                entries.swap(i, walk.below(i + 1));
+            }
+            text.push_str(&entries.join(&format!(",{}", walk.space())));
+            text.push_str(walk.space());
+            text.push('}');
+
+            let want = reference(&s, serde_json::from_str(&text).expect(&text));
+            let read = crate::result_reader::read_result(&text, &s)
+                .expect(&text)
+                .expect(&text);
+            assert_eq!(read.id.as_deref(), Some("1"), "{text}");
+            let got = s
+                .validated(&read)
+                .map(|raw| serde_json::from_str::<Value>(raw.get()).unwrap());
+            // A value that is not of its field's type is shown as written, where the
+            // reference shows it as parsed (`1E+3` as `1000.0`): compare up to the value.
+            let shown = |e: &String| match e.find(" is not a") {
+                Some(at) => e[..at + e[at..].find(": ").unwrap_or(e.len() - at)].to_string(),
+                None => e.clone(),
+            };
+            match (&got, &want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{text}"),
+                (Err(g), Err(w)) => assert_eq!(shown(g), shown(w), "{text}"),
+                _ => panic!("{text}: {got:?} but the reference {want:?}"),
+            }
+            if want.is_ok() {
+                agreed.0 += 1
+            } else {
+                agreed.1 += 1
+            }
+        }
         assert!(agreed.0 > 100 && agreed.1 > 100, "{agreed:?}");
     }
 }

@@ -212,7 +212,10 @@ async fn overhead(records: usize) -> Result<()> {
             let content = answer["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap_or_default();
-            let results = protocol::results(content).map_err(anyhow::Error::msg)?;
+            // The answer must be one the enricher reads; each result's own text is counted.
+            protocol::results(content, &schema).map_err(anyhow::Error::msg)?;
+            let parsed: serde_json::Value = serde_json::from_str(content)?;
+            let results = parsed["results"].as_array().cloned().unwrap_or_default();
             requests += 1;
             prompt_chars += system.len() + user.len();
             let own: usize = group.iter().map(|(_, p)| p.get().len()).sum();
