@@ -338,6 +338,26 @@ mod tests {
     }
 
     #[test]
+    fn a_result_whose_id_or_keys_cannot_be_decoded_fails_the_whole_answer() {
+        let s = EnrichmentSchema::default();
+        let fields = r#""sentiment": "neutral", "category": "c", "summary": "s""#;
+        for result in [
+            format!(r#"{{"id": "a\udc00", {fields}}}"#),
+            format!(r#"{{"id": 1e400, {fields}}}"#),
+            format!(r#"{{"id": "a", "\ud800x": 1, {fields}}}"#),
+        ] {
+            let content = format!(r#"{{"results": [{{"id": "b", {fields}}}, {result}]}}"#);
+            let err = results(&content, &s).unwrap_err();
+            assert!(err.starts_with("the answer is not valid JSON ("), "{err}");
+        }
+        // The same answer with the result readable: both records match.
+        let content =
+            format!(r#"{{"results": [{{"id": "b", {fields}}}, {{"id": "a", {fields}}}]}}"#);
+        let (m, unknown) = match_results(&["a", "b"], results(&content, &s).unwrap(), &s);
+        assert!(m.iter().all(Result::is_ok) && unknown.is_empty());
+    }
+
+    #[test]
     fn matching_finds_missing_duplicate_invalid_and_unknown_ids() {
         let s = EnrichmentSchema::default();
         let good =

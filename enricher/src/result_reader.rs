@@ -2,15 +2,21 @@
 //! only its `id` and the raw text of the schema's fields, borrowed from the answer. Nothing
 //! else is decoded or copied, and no `serde_json::Value` is built.
 //!
-//! What it reads is what a JSON parser would keep, with two exceptions made on purpose:
+//! What it reads is what a JSON parser would keep, with these differences on purpose:
 //! - a key given twice counts as its last value (`results` of the answer, a field or the `id`
 //!   of a result), as a JSON object keeps it;
-//! - values the enricher never reads (keys outside `results`, fields outside the schema) are
-//!   checked for syntax only: a lone surrogate `\ud800` or a number out of `f64`'s range in
-//!   them is not an error, since those values are dropped anyway.
+//! - what the enricher never decodes is checked for syntax only, at any depth, and dropped:
+//!   keys outside `results`, fields outside the schema, a result that is not an object (it
+//!   counts as a result without an id), an `id` that is neither a string nor a number. A lone
+//!   surrogate `\ud800`, a number out of `f64`'s range or nesting deeper than 128 there is not
+//!   an error;
+//! - a schema field is kept as its raw text (syntax checked) and decoded only when validated:
+//!   one that cannot be decoded (a lone surrogate in a string) fails its record, with the
+//!   reason, not the whole answer;
+//! - an answer that is JSON but not an object has no `results` array (not "not valid JSON").
 //!
-//! Any syntax error in what is read (a lone surrogate in a key of a result, an `id` of
-//! `1e400`, a truncated answer) makes the whole answer unreadable, as it would be for a JSON
+//! Any syntax error, or an error decoding the keys of a result or its `id` (a lone surrogate
+//! in a key, an `id` of `1e400`), makes the whole answer unreadable, as it would be for a JSON
 //! parser: the caller fails the batch, never single records for it.
 
 use std::fmt;

@@ -98,8 +98,8 @@ impl EnrichmentSchema {
         }
     }
 
-    /// Checks a result's fields (as [`crate::result_reader`] read them) and writes the clean enrichment: the
-    /// schema's fields present, in its order, each value as the model wrote it.
+    /// Checks a result's fields (as [`crate::result_reader`] read them) and writes the clean
+    /// enrichment: the schema's fields present, in its order, each value as the model wrote it.
     pub fn validated(&self, read: &ReadResult<'_>) -> Result<Box<RawValue>, String> {
         let mut ser = serde_json::Serializer::new(Vec::with_capacity(
             16 + read
@@ -548,8 +548,10 @@ mod tests {
         let mut agreed = (0, 0);
         for _ in 0..20_000 {
             let mut text = format!("{{{}", walk.space());
-            let mut entries = vec![format!("\"id\":{}\"1\"", walk.space())];
-            for name in names {
+            let id_key = ["\"id\"", "\"\\u0069d\"", "\"i\\u0064\""][walk.below(3)];
+            // Each entry's text, and the schema field and value it gives.
+            let mut entries = vec![(format!("{id_key}:{}\"1\"", walk.space()), None)];
+            for (at, name) in names.into_iter().enumerate() {
                 if walk.below(12) == 0 {
                     continue;
                 }
@@ -576,17 +578,25 @@ mod tests {
                         _ => format!("\"{name}\""),
                     };
                     let v = value(&mut walk);
-                    entries.push(format!("{key}{}:{}{v}", walk.space(), walk.space()));
+                    let entry = format!("{key}{}:{}{v}", walk.space(), walk.space());
+                    entries.push((entry, Some((at, v))));
                 }
                 if walk.below(10) == 0 {
-                    entries.push(format!("\"x{name}\": {}", value(&mut walk)));
+                    entries.push((format!("\"x{name}\": {}", value(&mut walk)), None));
                 }
             }
             // The entries in a shuffled order.
             for i in (1..entries.len()).rev() {
                 entries.swap(i, walk.below(i + 1));
             }
-            text.push_str(&entries.join(&format!(",{}", walk.space())));
+            let sep = format!(",{}", walk.space());
+            let texts: Vec<&str> = entries.iter().map(|(e, _)| e.as_str()).collect();
+            text.push_str(&texts.join(&sep));
+            // What the clean enrichment must be, if valid: each field's last value as written.
+            let mut last: Vec<Option<&str>> = vec![None; names.len()];
+            for (at, v) in entries.iter().filter_map(|(_, f)| f.as_ref()) {
+                last[*at] = Some(v);
+            }
             text.push_str(walk.space());
             text.push('}');
 
@@ -595,14 +605,29 @@ mod tests {
                 .expect(&text)
                 .expect(&text);
             assert_eq!(read.id.as_deref(), Some("1"), "{text}");
-            let got = s
-                .validated(&read)
-                .map(|raw| serde_json::from_str::<Value>(raw.get()).unwrap());
+            let clean = s.validated(&read);
+            if let Ok(raw) = &clean {
+                let fields: Vec<String> = names
+                    .iter()
+                    .zip(&last)
+                    .filter_map(|(name, v)| {
+                        v.as_ref()
+                            .filter(|v| **v != "null")
+                            .map(|v| format!("\"{name}\":{v}"))
+                    })
+                    .collect();
+                assert_eq!(raw.get(), format!("{{{}}}", fields.join(",")), "{text}");
+            }
+            let got = clean.map(|raw| serde_json::from_str::<Value>(raw.get()).unwrap());
             // A value that is not of its field's type is shown as written, where the
-            // reference shows it as parsed (`1E+3` as `1000.0`): compare up to the value.
+            // reference shows it as parsed (`1E+3` as `1000.0`): compare the values parsed.
             let shown = |e: &String| match e.find(" is not a") {
-                Some(at) => e[..at + e[at..].find(": ").unwrap_or(e.len() - at)].to_string(),
-                None => e.clone(),
+                Some(at) => {
+                    let colon = at + e[at..].find(": ").expect(e);
+                    let value: Value = serde_json::from_str(&e[colon + 2..]).expect(e);
+                    (e[..colon].to_string(), Some(value))
+                }
+                None => (e.clone(), None),
             };
             match (&got, &want) {
                 (Ok(g), Ok(w)) => assert_eq!(g, w, "{text}"),
