@@ -12,13 +12,25 @@
 //! Prints the conditions, then for each run (a fresh nats-server and database each) each
 //! worker's peak RSS, both rates, where the CPU went (per process, in core-seconds per 100,000
 //! records, beside what the run's cores had) and its ratio; the median of the runs' ratios
-//! last (on a shared machine one run's `COPY` alone varies by a third).
+//! last (on a shared machine one run's `COPY` alone varies by a third). Then what a row costs
+//! in CPU, `COPY`'s (Postgres and this client) against the pipeline's (every process): the
+//! pipeline spreads over the cores where one `COPY` keeps about one busy, so with every core
+//! busy the rate ratio is bounded by about the cores × this cost ratio.
 //! `WRITER_*`, `ENRICH_*`, `LLM_*` and `CHUNK_SIZE` variables in the environment reach the
 //! workers.
 
 use anyhow::{Context, Result};
-use tardis_tests::bench::{PipelineRun, conditions, copy_baseline};
+use tardis_tests::bench::{PipelineRun, conditions, copy_baseline_with_cpu};
 use tardis_tests::harness::NatsServer;
+
+/// One run's figures: rows/s of the pipeline and of `COPY`, their ratio, and a row's CPU,
+/// `COPY`'s / the pipeline's.
+struct Measured {
+    pipeline: f64,
+    copy: f64,
+    ratio: f64,
+    cost: Option<f64>,
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -78,7 +90,7 @@ async fn main() -> Result<()> {
         };
         let r = run.run(&nats).await?;
         let client = r.db.connect().await?;
-        let (copied, copy_secs) = copy_baseline(&client).await?;
+        let (copied, copy_secs, copy_cpu) = copy_baseline_with_cpu(&client).await?;
         let mib = |k: u64| k as f64 / 1024.0;
         let (p, c) = (r.rows as f64 / r.seconds, copied as f64 / copy_secs);
         println!("run {n} of {runs}");
@@ -119,8 +131,22 @@ async fn main() -> Result<()> {
             per(cores * r.seconds),
             r.seconds
         );
+        // The CPU a row costs, COPY's against the pipeline's.
+        let cost = copy_cpu.map(|copy| copy / copied as f64 / (cpu.total() / r.rows as f64));
+        if let Some(copy) = copy_cpu {
+            println!(
+                "  CPU of the COPY, core-seconds per 100,000 records: {:.2} (Postgres and the client); a row's CPU, COPY / pipeline = {:.0} %",
+                copy * 100_000.0 / copied as f64,
+                cost.unwrap_or(0.0) * 100.0
+            );
+        }
         println!("  pipeline / COPY = {:.0} %", p / c * 100.0);
-        measured.push((p, c, p / c));
+        measured.push(Measured {
+            pipeline: p,
+            copy: c,
+            ratio: p / c,
+            cost,
+        });
         drop(client);
         let name = r.db.name.clone();
         if let Err(e) = r.db.drop_database().await {
@@ -129,7 +155,7 @@ async fn main() -> Result<()> {
         }
     }
     // The median; of an even number of runs, the mean of the middle two.
-    let median = |f: fn(&(f64, f64, f64)) -> f64| {
+    let median = |f: fn(&Measured) -> f64| {
         let mut v: Vec<f64> = measured.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         let n = v.len();
@@ -141,17 +167,28 @@ async fn main() -> Result<()> {
     };
     println!(
         "medians: pipeline {:.0} rows/s, plain COPY {:.0} rows/s",
-        median(|m| m.0),
-        median(|m| m.1)
+        median(|m| m.pipeline),
+        median(|m| m.copy)
     );
     println!(
         "ratio: pipeline / COPY = {:.0} % (median of {runs} run(s); run by run: {})",
-        median(|m| m.2) * 100.0,
+        median(|m| m.ratio) * 100.0,
         measured
             .iter()
-            .map(|m| format!("{:.0} %", m.2 * 100.0))
+            .map(|m| format!("{:.0} %", m.ratio * 100.0))
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if measured.iter().all(|m| m.cost.is_some()) {
+        println!(
+            "a row's CPU, COPY / pipeline = {:.0} % (median; run by run: {})",
+            median(|m| m.cost.unwrap_or(0.0)) * 100.0,
+            measured
+                .iter()
+                .map(|m| format!("{:.0} %", m.cost.unwrap_or(0.0) * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
 }
