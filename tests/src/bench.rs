@@ -58,11 +58,17 @@ fn is_postgres(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres")
 }
 
-/// The postmaster of the backend `backend` when it runs on this machine (not elsewhere, not in
+/// The postmaster of `client`'s backend when it runs on this machine (not elsewhere, not in
 /// a container, where `pg_backend_pid()` is no local pid): both named `postgres`.
-pub fn local_postmaster(backend: i32) -> Option<i32> {
-    let postmaster = parent(backend)?;
-    (is_postgres(backend) && is_postgres(postmaster)).then_some(postmaster)
+pub async fn local_postmaster(client: &Client) -> Result<Option<i32>> {
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let Some(postmaster) = parent(backend) else {
+        return Ok(None);
+    };
+    Ok((is_postgres(backend) && is_postgres(postmaster)).then_some(postmaster))
 }
 
 /// The CPU seconds of a Postgres server so far: the postmaster with the backends it has
@@ -235,11 +241,7 @@ impl PipelineRun {
             );
         }
         let client = db.connect().await?;
-        let backend: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await?
-            .get(0);
-        let postmaster = local_postmaster(backend);
+        let postmaster = local_postmaster(&client).await?;
         let this = i32::try_from(std::process::id())?;
         let (bench_cpu, nats_cpu, postgres_cpu) = (
             cpu_seconds(this, false).unwrap_or(0.0),
@@ -453,11 +455,7 @@ pub async fn copy_baseline_with_cpu(client: &Client) -> Result<(u64, f64, Option
     client.batch_execute("VACUUM ANALYZE records").await?;
     // Twice, into two fresh tables, and the faster counts: on a shared machine one COPY's
     // time varies by half, and the baseline should be the best Postgres can do.
-    let backend: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await?
-        .get(0);
-    let postmaster = local_postmaster(backend);
+    let postmaster = local_postmaster(client).await?;
     let this = i32::try_from(std::process::id())?;
     let cpu =
         || postmaster.map(|pm| postgres_cpu_seconds(pm) + cpu_seconds(this, false).unwrap_or(0.0));
