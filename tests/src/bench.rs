@@ -186,6 +186,27 @@ pub struct PipelineResult {
     pub enricher_kib: u64,
     pub writer_kib: u64,
     pub cpu: CpuBreakdown,
+    pub timeline: Timeline,
+}
+
+/// When a [`PipelineRun`]'s rows arrived, in seconds from the first process started: where
+/// its time went between starting, the steady flow and the tail.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// The first row committed.
+    pub first_row: f64,
+    /// The fetcher's exit: everything fetched is published.
+    pub fetched: f64,
+    /// A tenth and nine tenths of the rows committed.
+    pub tenth: f64,
+    pub nine_tenths: f64,
+}
+
+impl Timeline {
+    /// The rate of the steady flow: rows/s between a tenth and nine tenths of the rows.
+    pub fn steady_rate(&self, rows: u64) -> f64 {
+        0.8 * rows as f64 / (self.nine_tenths - self.tenth).max(f64::EPSILON)
+    }
 }
 
 impl PipelineRun {
@@ -266,6 +287,7 @@ impl PipelineRun {
         let (mut fetcher_kib, mut enricher_kib, mut writer_kib) = (0, 0, 0);
         let total = i64::try_from(2 * self.per_source)?;
         let mut fetched = false;
+        let mut timeline = Timeline::default();
         loop {
             // Not the fetcher once it is reaped: its pid may be another process's by then.
             for pid in (!fetched)
@@ -290,12 +312,26 @@ impl PipelineRun {
                     bail!("fetcher run: {status}");
                 }
                 fetched = true;
+                timeline.fetched = started.elapsed().as_secs_f64();
                 if writer.is_none() {
                     writer = Some(spawn_worker("writer", &[], &env)?);
                 }
             }
-            if writer.is_some() && rows_written(&client).await? >= total {
-                break;
+            if writer.is_some() {
+                let written = rows_written(&client).await?;
+                let at = started.elapsed().as_secs_f64();
+                for (mark, reached) in [
+                    (&mut timeline.first_row, 1),
+                    (&mut timeline.tenth, total / 10),
+                    (&mut timeline.nine_tenths, total * 9 / 10),
+                ] {
+                    if *mark == 0.0 && written >= reached.max(1) {
+                        *mark = at;
+                    }
+                }
+                if written >= total {
+                    break;
+                }
             }
             if started.elapsed() > Duration::from_secs(900) {
                 bail!(
@@ -349,6 +385,7 @@ impl PipelineRun {
             enricher_kib,
             writer_kib,
             cpu,
+            timeline,
         })
     }
 }

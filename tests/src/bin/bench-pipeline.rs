@@ -131,6 +131,17 @@ async fn main() -> Result<()> {
             per(cores * r.seconds),
             r.seconds
         );
+        let t = &r.timeline;
+        println!(
+            "  timeline, seconds: first row {:.2}, fetcher done {:.2}, a tenth of the rows {:.2}, nine tenths {:.2}, all {:.2}; between a tenth and nine tenths {:.0} rows/s ({:.0} % of COPY)",
+            t.first_row,
+            t.fetched,
+            t.tenth,
+            t.nine_tenths,
+            r.seconds,
+            t.steady_rate(r.rows),
+            t.steady_rate(r.rows) / c * 100.0
+        );
         // The CPU a row costs, COPY's against the pipeline's.
         let cost = copy_cpu.map(|copy| copy / copied as f64 / (cpu.total() / r.rows as f64));
         if let Some(copy) = copy_cpu {
