@@ -19,7 +19,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use serde_json::Value;
 use serde_json::value::RawValue;
 use tardis_common::backoff::Backoff;
 use tardis_common::messages::Usage;
@@ -127,7 +126,7 @@ enum Call {
 
 impl BatchProcessor {
     /// The user message and request body for `items`.
-    pub fn body(&self, items: &[Item]) -> (Value, Cost) {
+    pub fn body(&self, items: &[Item]) -> (protocol::RequestBody, Cost) {
         let records: Vec<(&str, &RawValue)> = items
             .iter()
             .map(|i| (i.id.as_str(), i.payload.as_ref()))

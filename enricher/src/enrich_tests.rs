@@ -8,6 +8,8 @@ use std::time::Duration;
 use tardis_common::config::Reader;
 
 use super::*;
+use crate::protocol::RequestBody;
+use serde_json::Value;
 
 type Reply = Box<dyn Fn(&[String]) -> Result<Answer, CallError> + Send + Sync>;
 
@@ -37,7 +39,8 @@ impl Script {
     }
 }
 
-fn ids_of(body: &Value) -> Vec<String> {
+fn ids_of(body: &RequestBody) -> Vec<String> {
+    let body = body.to_value();
     let user = body["messages"][1]["content"].as_str().unwrap_or("{}");
     let v: Value = serde_json::from_str(user).unwrap_or_default();
     v.as_object()
@@ -48,7 +51,7 @@ fn ids_of(body: &Value) -> Vec<String> {
 impl Complete for Script {
     fn complete<'a>(
         &'a self,
-        body: &'a Value,
+        body: &'a RequestBody,
         _cost: Cost,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>
     {
@@ -191,7 +194,7 @@ fn prompt_overhead(n: usize) -> f64 {
     let own: usize = items.iter().map(|i| i.payload.get().len()).sum();
     assert!((125..=145).contains(&(own / n)), "{} chars", own / n);
     let (body, _) = p.body(&items);
-    let sent: usize = body["messages"]
+    let sent: usize = body.to_value()["messages"]
         .as_array()
         .unwrap()
         .iter()
@@ -224,10 +227,10 @@ fn max_tokens_grows_with_the_batch_up_to_the_output_limit() {
     let p = processor(Script::new(vec![]), &[("LLM_MAX_OUTPUT_TOKENS", "1000")]);
     assert_eq!(p.settings.batch_size, 5, "1000 / 200");
     let (body, cost) = p.body(&demo_items(2));
-    assert_eq!(body["max_tokens"], 450);
+    assert_eq!(body.to_value()["max_tokens"], 450);
     assert_eq!(cost.max_tokens, 450);
     let (body, _) = p.body(&demo_items(8));
-    assert_eq!(body["max_tokens"], 1000);
+    assert_eq!(body.to_value()["max_tokens"], 1000);
 }
 
 #[tokio::test(start_paused = true)]

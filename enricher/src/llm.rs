@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
-use serde_json::Value;
 use tardis_common::Secret;
 use tardis_common::backoff::{parse_retry_after, seconds_hint};
 use tokio::sync::Semaphore;
@@ -17,7 +16,7 @@ use url::Url;
 use crate::budget::{Cost, RateHeaders};
 use crate::fleet::{Answered, Budget};
 use crate::metrics::EnrichMetrics;
-use crate::protocol::{Answer, parse_answer};
+use crate::protocol::{Answer, RequestBody, parse_answer};
 
 /// Why a call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,7 +57,7 @@ pub enum CallError {
 pub trait Complete: Send + Sync + std::fmt::Debug {
     fn complete<'a>(
         &'a self,
-        body: &'a Value,
+        body: &'a RequestBody,
         cost: Cost,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>;
 }
@@ -66,7 +65,7 @@ pub trait Complete: Send + Sync + std::fmt::Debug {
 impl Complete for LlmClient {
     fn complete<'a>(
         &'a self,
-        body: &'a Value,
+        body: &'a RequestBody,
         cost: Cost,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, CallError>> + Send + 'a>>
     {
@@ -123,7 +122,7 @@ impl LlmClient {
 
     /// One request, within the limits: a slot of this replica's concurrency, then one in the
     /// fleet's budget for `cost`; the answer is reported back to the budget.
-    pub async fn complete(&self, body: &Value, cost: Cost) -> Result<Answer, CallError> {
+    pub async fn complete(&self, body: &RequestBody, cost: Cost) -> Result<Answer, CallError> {
         let _permit = self
             .concurrency
             .acquire()
@@ -152,12 +151,12 @@ impl LlmClient {
     }
 
     /// Sends one request; `rate` gets the provider's rate-limit headers.
-    async fn send(&self, body: &Value, rate: &mut RateHeaders) -> Result<Answer, CallError> {
+    async fn send(&self, body: &RequestBody, rate: &mut RateHeaders) -> Result<Answer, CallError> {
         let mut request = self
             .http
             .post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(body.to_string());
+            .body(body.bytes());
         if let Some(key) = &self.api_key {
             let mut value =
                 reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))

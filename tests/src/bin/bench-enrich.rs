@@ -208,7 +208,7 @@ async fn overhead(records: usize) -> Result<()> {
                 settings.response_format,
                 &schema,
             );
-            let answer = devtools::mock_llm::good_answer(&body);
+            let answer = devtools::mock_llm::good_answer(&body.to_value());
             let content = answer["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap_or_default();
