@@ -2,6 +2,9 @@
 //! from keywords, category from the record's shape, summary from its first words — read
 //! from a parsed [`Value`] or, without building one, from the record's JSON text.
 
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
 use serde_json::{Value, json};
 
 fn text_of(v: &Value, out: &mut String) {
@@ -45,6 +48,32 @@ const NEGATIVE: [&str; 12] = [
     "crash",
 ];
 
+/// How positive a text is: the positive keywords in it, less the negative ones (each counted
+/// once, wherever it is, case ignored as by `str::to_lowercase`). One pass over the text for
+/// all of them; an ASCII text is not even copied.
+fn score(text: &str) -> i64 {
+    static KEYWORDS: OnceLock<AhoCorasick> = OnceLock::new();
+    let keywords = KEYWORDS.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(POSITIVE.iter().chain(NEGATIVE.iter()))
+            .expect("plain keywords build")
+    });
+    let lower;
+    // Lowercasing other text can make ASCII letters ('K', the Kelvin sign, is 'k').
+    let text = if text.is_ascii() {
+        text
+    } else {
+        lower = text.to_lowercase();
+        &lower
+    };
+    let found = keywords
+        .find_overlapping_iter(text)
+        .fold(0u32, |found, m| found | 1 << m.pattern().as_u32());
+    let positive = found & ((1 << POSITIVE.len()) - 1);
+    i64::from(positive.count_ones()) - i64::from((found >> POSITIVE.len()).count_ones())
+}
+
 /// What the mock answers for one record: its sentiment, category and summary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
@@ -57,10 +86,7 @@ impl Judgement {
     /// From the record's strings, in document order, each followed by a space; whether its
     /// top level has a `symbol` key; its top-level `event` when that is a string.
     fn of(text: &str, has_symbol: bool, event: Option<&str>) -> Self {
-        let lower = text.to_lowercase();
-        let score = POSITIVE.iter().filter(|w| lower.contains(*w)).count() as i64
-            - NEGATIVE.iter().filter(|w| lower.contains(*w)).count() as i64;
-        let sentiment = match score {
+        let sentiment = match score(text) {
             s if s > 0 => "positive",
             s if s < 0 => "negative",
             _ => "neutral",
@@ -243,6 +269,52 @@ pub fn enrich(record: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The score as it was first written: every keyword searched for in the lowercased text.
+    fn score_by_search(text: &str) -> i64 {
+        let lower = text.to_lowercase();
+        POSITIVE.iter().filter(|w| lower.contains(*w)).count() as i64
+            - NEGATIVE.iter().filter(|w| lower.contains(*w)).count() as i64
+    }
+
+    #[test]
+    fn the_score_is_every_keyword_searched_for() {
+        let demo = crate::demo_source::Demo::new(
+            crate::demo_source::DemoConfig::default(),
+            chrono::Utc::now(),
+        );
+        let mut texts: Vec<String> = (1..200)
+            .flat_map(|id| crate::demo_source::Kind::ALL.map(|k| demo.record(k, id).to_string()))
+            .collect();
+        texts.extend(
+            [
+                "",
+                "GREAT Great great",
+                "errors everywhere, erroR",
+                "a badge, a sloWLy sinking ship: Crashed",
+                "praises the rise",
+                "logging me outlogging me out",
+                "happyfail",
+                "bro\u{212a}en: the Kelvin sign lowercases to k",
+                "\u{130}nvestigation with a dotted capital I",
+                "ÉLAN läuft 🚀 good and excellent, but slow",
+                "Solved? SOLVED. Buyback; launches; saves; beats; raises; love",
+            ]
+            .map(String::from),
+        );
+        let mut moved = 0;
+        for text in &texts {
+            assert_eq!(score(text), score_by_search(text), "{text}");
+            moved += usize::from(score(text) != 0);
+        }
+        assert!(
+            moved > 100,
+            "the texts hardly exercise the keywords: {moved}"
+        );
+        assert_eq!(score("broken and bad and broken"), -2);
+        assert_eq!(score("\u{212a}"), 0);
+        assert_eq!(score("bro\u{212a}en"), -1);
+    }
 
     #[test]
     fn enrichment_follows_the_text() {
