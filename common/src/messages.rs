@@ -123,7 +123,8 @@ pub struct SourceRecord {
     /// The source's last-modified time, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
-    /// The record exactly as the source sent it.
+    /// The record as the source sent it: its JSON text from the page, only the whitespace
+    /// between tokens left out (numbers, escapes and key order as written).
     pub payload: Box<RawValue>,
     /// A hash of the record's content as its source defines it: the payload without its
     /// `updated_at` field and the source's `ignore_fields`, keys in any order. Absent from

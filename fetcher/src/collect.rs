@@ -351,7 +351,7 @@ impl Collector {
             if progress.pages >= u64::from(source.max_pages) {
                 return Ok(Walked::MaxPages);
             }
-            let page = client.get(&url, token).await?;
+            let mut page = client.get(&url, token).await?;
             progress.pages += 1;
             progress.bytes += page.bytes as u64;
             self.metrics.pages.with_label_values(&[&source.name]).inc();
@@ -360,7 +360,7 @@ impl Collector {
                 .with_label_values(&[&source.name])
                 .inc_by(page.bytes as u64);
             let records = extract::records(
-                &page.body,
+                page.records.take(),
                 &source.records_pointer,
                 &source.id_pointer,
                 source.updated_at_pointer.as_deref(),
@@ -402,7 +402,7 @@ impl Collector {
             let newest = wanted.iter().filter_map(|r| r.updated_at).max();
             let step = pager.next(&PageInfo {
                 url: &url,
-                body: &page.body,
+                body: &page.envelope,
                 link: page.link.as_deref(),
                 records: on_page,
             });

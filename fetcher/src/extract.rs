@@ -4,6 +4,8 @@ use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 use tardis_common::messages::SourceRecord;
 
+use crate::page::RawRecord;
+
 /// Why a page could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExtractError {
@@ -22,33 +24,26 @@ pub enum ExtractError {
     NotAnObject { index: usize },
 }
 
-/// The records of a page, in the order the API sent them.
+/// The records of a page, in the order the API sent them ([`crate::page::read`]'s: `None`
+/// when the records pointer leads to no array).
 pub fn records(
-    body: &Value,
+    items: Option<Vec<RawRecord>>,
     records_pointer: &str,
     id_pointer: &str,
     updated_at_pointer: Option<&str>,
 ) -> Result<Vec<SourceRecord>, ExtractError> {
-    let pointer = if records_pointer == "/" {
-        ""
-    } else {
-        records_pointer
-    };
-    let items = body
-        .pointer(pointer)
-        .and_then(Value::as_array)
-        .ok_or_else(|| ExtractError::NoRecords {
-            pointer: records_pointer.to_string(),
-        })?;
+    let items = items.ok_or_else(|| ExtractError::NoRecords {
+        pointer: records_pointer.to_string(),
+    })?;
     items
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            if !item.is_object() {
+            if !item.is_object {
                 return Err(ExtractError::NotAnObject { index });
             }
-            let id = match item.pointer(id_pointer) {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            let id = match item.id {
+                Some(Value::String(s)) if !s.is_empty() => s,
                 Some(Value::Number(n)) => n.to_string(),
                 _ => {
                     return Err(ExtractError::MissingId {
@@ -60,7 +55,7 @@ pub fn records(
             let updated_at = match updated_at_pointer {
                 None => None,
                 Some(p) => {
-                    let raw = item.pointer(p);
+                    let raw = item.updated_at.as_ref();
                     match raw.and_then(parse_time) {
                         Some(t) => Some(t),
                         None => {
@@ -74,12 +69,10 @@ pub fn records(
                     }
                 }
             };
-            let payload = serde_json::value::to_raw_value(item)
-                .map_err(|_| ExtractError::NotAnObject { index })?;
             Ok(SourceRecord {
                 id,
                 updated_at,
-                payload,
+                payload: item.payload,
                 content_key: None,
                 prior: None,
             })
@@ -111,7 +104,25 @@ pub fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::{Pointers, read};
     use serde_json::json;
+
+    /// The records of a page body given as a `Value`, read as the fetcher reads a page.
+    fn records(
+        body: &Value,
+        records_pointer: &str,
+        id_pointer: &str,
+        updated_at_pointer: Option<&str>,
+    ) -> Result<Vec<SourceRecord>, ExtractError> {
+        let pointers = Pointers::new(records_pointer, id_pointer, updated_at_pointer);
+        let page = read(body.to_string().as_bytes(), &pointers, false).unwrap();
+        super::records(
+            page.records,
+            records_pointer,
+            id_pointer,
+            updated_at_pointer,
+        )
+    }
 
     #[test]
     fn legacy_page_parses_with_numeric_and_string_ids() {

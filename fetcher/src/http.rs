@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::sources::{AuthType, SourceConfig};
+use crate::page::{self, Pointers, RawRecord};
+use crate::sources::{AuthType, Pagination, SourceConfig};
 use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::StatusCode;
@@ -44,7 +45,11 @@ impl Sleeper for TokioSleeper {
 /// A page as received.
 #[derive(Debug)]
 pub struct Page {
-    pub body: Value,
+    /// The body without its records ([`crate::page`]): what pagination reads.
+    pub envelope: Value,
+    /// Its records, each as the source wrote it; `None` when the records pointer leads to
+    /// no array.
+    pub records: Option<Vec<RawRecord>>,
     pub link: Option<String>,
     pub bytes: usize,
 }
@@ -129,6 +134,10 @@ pub struct SourceClient {
     backoff: Backoff,
     sleeper: Arc<dyn Sleeper>,
     metrics: FetchMetrics,
+    /// Where a page's records, their ids and times are ([`crate::page`]).
+    pointers: Pointers,
+    /// A pagination pointer leads into the records: pages keep them in their envelope.
+    whole_envelope: bool,
 }
 
 impl SourceClient {
@@ -162,6 +171,19 @@ impl SourceClient {
                 .min(Duration::from_secs(600)),
         )
         .with_max_wait(source.retry_max_wait);
+        let pointers = Pointers::new(
+            &source.records_pointer,
+            &source.id_pointer,
+            source.updated_at_pointer.as_deref(),
+        );
+        let whole_envelope = match &source.pagination {
+            Pagination::Page {
+                total_pages_pointer: Some(p),
+                ..
+            } => pointers.is_under_records(p),
+            Pagination::Cursor { cursor_pointer, .. } => pointers.is_under_records(cursor_pointer),
+            _ => false,
+        };
         Ok(Self {
             source,
             http,
@@ -169,6 +191,8 @@ impl SourceClient {
             backoff,
             sleeper,
             metrics,
+            pointers,
+            whole_envelope,
         })
     }
 
@@ -388,9 +412,10 @@ impl SourceClient {
             Ok((_, true)) => return too_large(),
             Err(e) => return self.transport_failure(name, shown, e),
         };
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(value) => Attempt::Done(Page {
-                body: value,
+        match page::read(&body, &self.pointers, self.whole_envelope) {
+            Ok(read) => Attempt::Done(Page {
+                envelope: read.envelope,
+                records: read.records,
                 link,
                 bytes: body.len(),
             }),

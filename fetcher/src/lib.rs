@@ -31,6 +31,7 @@ pub mod http;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod page;
 pub mod pagination;
 pub mod plan;
 pub mod progress;

@@ -719,3 +719,80 @@ async fn a_next_link_in_a_second_link_field_is_followed() -> Result<()> {
     assert_eq!(ids_of(&chunks(&t).await?), vec![1, 2, 3, 4, 5, 6]);
     Ok(())
 }
+
+// ---------------------------------------------------------------- 10. records as written
+
+/// A page as a source writes it: pretty-printed, with numbers no `f64` holds (a 30-digit
+/// integer, a 30-digit decimal), numbers written their own way (`1.50`, `1E+3`, `-0.0`) and
+/// escapes (`\u00e9`, `\"`, `\/`).
+const WRITTEN_PAGE: &str = r#"{
+  "data": [
+    {
+      "id": 1,
+      "updated_at": "2026-11-30T10:00:00Z",
+      "big": 123456789012345678901234567890,
+      "amount": 12345678901234567890.1234567891,
+      "price": 1.50,
+      "sci": 1E+3,
+      "neg": -0.0,
+      "name": "caf\u00e9 \"quoted\" a\/b  two  spaces",
+      "nested": { "b": [ 1, 2.0, { "c": null } ], "t": true }
+    },
+    {"id":"two","updated_at":"2026-11-30T10:00:01Z","tiny":1e-320}
+  ],
+  "pagination": { "page": 1, "total_pages": 1 }
+}"#;
+
+#[tokio::test]
+async fn a_record_reaches_nats_as_the_source_wrote_it_without_whitespace() -> Result<()> {
+    let t = TestNats::new().await?;
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(WRITTEN_PAGE, "application/json"))
+        .mount(&server)
+        .await;
+    let sources = json!([{"name": "s", "url": format!("{}/s", server.uri()), "auth_type": "bearer",
+        "initial_lookback": "3650d"}]);
+    assert_eq!(run(&env(&t, sources, &[])).await?, ExitCode::SUCCESS);
+    let published = chunks(&t).await?;
+    let records: Vec<_> = published.iter().flat_map(|c| c.records.iter()).collect();
+    let payloads: Vec<&str> = records.iter().map(|r| r.payload.get()).collect();
+    assert_eq!(
+        payloads,
+        [
+            r#"{"id":1,"updated_at":"2026-11-30T10:00:00Z","big":123456789012345678901234567890,"amount":12345678901234567890.1234567891,"price":1.50,"sci":1E+3,"neg":-0.0,"name":"caf\u00e9 \"quoted\" a\/b  two  spaces","nested":{"b":[1,2.0,{"c":null}],"t":true}}"#,
+            r#"{"id":"two","updated_at":"2026-11-30T10:00:01Z","tiny":1e-320}"#,
+        ],
+        "no digit lost, nothing rewritten but the whitespace between tokens"
+    );
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["1", "two"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_record_that_is_not_json_fails_its_page() -> Result<()> {
+    // JSON's grammar allows them; no JSON value holds them, nor does Postgres's jsonb.
+    for record in [r#""name": "\ud800 alone""#, r#""n": 1e400"#] {
+        let t = TestNats::new().await?;
+        let server = MockServer::start().await;
+        let page = format!(
+            r#"{{"data": [{{"id": 1, "updated_at": "2026-11-30T10:00:00Z"}}, {{"id": 2, "updated_at": "2026-11-30T10:00:01Z", {record}}}], "pagination": {{"total_pages": 1}}}}"#
+        );
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(page, "application/json"))
+            .mount(&server)
+            .await;
+        let sources = json!([{"name": "s", "url": format!("{}/s", server.uri()), "auth_type": "bearer",
+            "initial_lookback": "3650d"}]);
+        assert_eq!(
+            run(&env(&t, sources, &[])).await?,
+            ExitCode::FAILURE,
+            "{record}"
+        );
+        let error = text(&last_run(&t).await?, "error");
+        assert!(error.contains("not JSON"), "{record}: {error}");
+        assert!(chunks(&t).await?.is_empty(), "{record}");
+    }
+    Ok(())
+}
