@@ -491,6 +491,8 @@ mod tests {
             let text = std::str::from_utf8(&body.bytes()).unwrap().to_string();
             let parsed: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(parsed, expected, "{text}");
+            // Byte for byte, keys in the same order (the workspace's `Value` keeps its order).
+            assert_eq!(text, expected.to_string());
             assert_eq!(parsed["messages"][1]["content"].as_str(), Some(user));
         }
     }

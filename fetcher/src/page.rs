@@ -6,9 +6,9 @@
 //!   stays `1.50`), no escape is rewritten, keys keep their order. Before, each record was
 //!   parsed into a `serde_json::Value` and written back, which rounded such numbers.
 //! * **Each record is still decoded once, whole**, without building anything: what a
-//!   `serde_json::Value` refuses (a lone surrogate, a number beyond `f64`, a record nested
-//!   deeper than 128) fails the page, as a parse of the whole body did, so no record that
-//!   Postgres's `jsonb` would refuse is published. The values at the record's id and
+//!   `serde_json::Value` refuses (a lone surrogate, a number beyond `f64`) fails the page, as
+//!   a parse of the whole body did; so does a record nested 128 levels deep, counted from the
+//!   record (the parse of the whole body counted from the page). The values at the record's id and
 //!   `updated_at` pointers are read in that same pass, with `Value::pointer`'s rules (a key
 //!   twice: the last counts; `~0`/`~1` escapes; array indexes without sign or leading zero).
 //! * **The envelope** is the body with the records array replaced by `null`. When a

@@ -26,7 +26,7 @@ fn by_value(body: &str, records: &str, id: &str, updated_at: Option<&str>) -> Pa
 
 fn by_page(body: &str, records: &str, id: &str, updated_at: Option<&str>) -> Parsed {
     let pointers = Pointers::new(records, id, updated_at);
-    let page = read(body.as_bytes(), &pointers, true).unwrap();
+    let page = read(body.as_bytes(), &pointers, false).unwrap();
     let items = page.records.map(|items| {
         items
             .into_iter()
@@ -70,6 +70,13 @@ fn a_page_reads_as_its_parse_does() {
             "/uid",
             None,
         ),
+        // A key written with escapes, found by the pointer that names it plainly.
+        (
+            r#"{"data": [{"u\u0069d": 5, "\u0074": "2026-11-01T10:00:00Z"}, {"uid": "x", "u\u0069d": 6}]}"#,
+            "/data",
+            "/uid",
+            Some("/t"),
+        ),
         // Not an index: a sign, a leading zero.
         (
             r#"{"pages": [[{"id": 1}], [{"id": 2}]]}"#,
@@ -112,12 +119,12 @@ fn a_page_reads_as_its_parse_does() {
     ];
     for (body, records, id, updated_at) in cases {
         let (value, expected) = by_value(body, records, id, *updated_at);
-        let (envelope, got) = by_page(body, records, id, *updated_at);
+        let (lean, got) = by_page(body, records, id, *updated_at);
         assert_eq!(got, expected, "{body} at {records}");
-        assert_eq!(envelope, value, "{body}: the whole envelope");
-        // Without the records: the same but for the records array itself.
+        // The envelope is the body but for the records array itself; the whole one on demand.
         let pointers = Pointers::new(records, id, *updated_at);
-        let lean = read(body.as_bytes(), &pointers, false).unwrap().envelope;
+        let whole = read(body.as_bytes(), &pointers, true).unwrap();
+        assert_eq!(whole.envelope, value, "{body}: the whole envelope");
         let mut without = value.clone();
         let at = if *records == "/" { "" } else { records };
         if expected.is_some()
@@ -200,6 +207,20 @@ fn what_a_value_refuses_fails_the_page_naming_the_record() {
             "{error}"
         );
         assert!(error.to_string().contains(why), "{record}: {error}");
+    }
+    // Nesting counts from the record (a `Value` of the page counted from the page: a record
+    // at 127 levels inside `data` was refused there, and is read now).
+    for (levels, ok) in [(126, true), (127, false)] {
+        let body = format!(
+            r#"{{"data": [{{"id": 1, "d": {}1{}}}]}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        assert_eq!(
+            read(body.as_bytes(), &pointers, false).is_ok(),
+            ok,
+            "{levels}"
+        );
     }
     let deep = format!(
         r#"{{"data": [{{"id": 1, "d": {}1{}}}]}}"#,

@@ -772,7 +772,8 @@ async fn a_record_reaches_nats_as_the_source_wrote_it_without_whitespace() -> Re
 
 #[tokio::test]
 async fn a_record_that_is_not_json_fails_its_page() -> Result<()> {
-    // JSON's grammar allows them; no JSON value holds them, nor does Postgres's jsonb.
+    // JSON's grammar allows them; a `serde_json::Value` holds neither, and the fetcher
+    // always refused such a page (it did through its parse of the whole page).
     for record in [r#""name": "\ud800 alone""#, r#""n": 1e400"#] {
         let t = TestNats::new().await?;
         let server = MockServer::start().await;
@@ -794,5 +795,37 @@ async fn a_record_that_is_not_json_fails_its_page() -> Result<()> {
         assert!(error.contains("not JSON"), "{record}: {error}");
         assert!(chunks(&t).await?.is_empty(), "{record}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cursor_read_from_the_last_record_still_leads_to_the_next_page() -> Result<()> {
+    use wiremock::matchers::{query_param, query_param_is_missing};
+    let t = TestNats::new().await?;
+    let server = MockServer::start().await;
+    let page = |ids: &[u64]| {
+        let data: Vec<Value> = ids
+            .iter()
+            .map(|&i| json!({"id": i, "updated_at": at(i)}))
+            .collect();
+        ResponseTemplate::new(200).set_body_json(json!({"data": data}))
+    };
+    Mock::given(method("GET"))
+        .and(query_param_is_missing("after"))
+        .respond_with(page(&[1, 2]))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(query_param("after", "2"))
+        .respond_with(page(&[3]))
+        .mount(&server)
+        .await;
+    // The token is the id of the page's second record: the pointer leads into the records.
+    let sources = json!([{"name": "s", "url": format!("{}/s", server.uri()), "auth_type": "bearer",
+        "initial_lookback": "3650d", "page_size": 2,
+        "pagination": {"type": "cursor", "cursor_pointer": "/data/1/id", "cursor_param": "after"}}]);
+    assert_eq!(run(&env(&t, sources, &[])).await?, ExitCode::SUCCESS);
+    assert_eq!(ids_of(&chunks(&t).await?), [1, 2, 3]);
+    assert_eq!(outcome(&last_run(&t).await?), "succeeded");
     Ok(())
 }
