@@ -52,6 +52,24 @@ impl Checkpoints {
             .map_err(|e| format!("the stored cursor is not one this fetcher reads: {e}"))
     }
 
+    /// Whether any record of `source` is stored. `false` at a run's start means a first load:
+    /// no enrichment of it can be looked up, so the run does not try ([`Self::priors`]).
+    pub async fn has_records(&self, source: &str) -> Result<bool, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM records WHERE source = $1)",
+                &[&source],
+            )
+            .await
+            .map_err(|e| tardis_common::error::chain(&e))?;
+        Ok(row.get(0))
+    }
+
     /// The stored enrichments of `records` (ids with their content keys) whose stored content
     /// key is the same: one query by the primary key for the whole chunk, so what is unchanged
     /// is not sent to the LLM again. An error means "unknown": the records go at full price.

@@ -90,9 +90,8 @@ pub(crate) struct Progress {
     warnings: Vec<String>,
     /// A backfill's progress line or log.
     backfill: Option<crate::progress::BackfillProgress>,
-    /// Stored enrichments could not be looked up once in this run: the rest of the run does
-    /// not try again (the records go to the LLM at full price).
-    pub(crate) priors_failed: bool,
+    /// Whether this run looks up the stored enrichments of what it fetches.
+    pub(crate) lookups: crate::publish::Lookups,
 }
 
 fn new_run_id(now: DateTime<Utc>) -> String {
@@ -268,6 +267,7 @@ impl Collector {
             None if incremental => self.checkpoint_cursor(&source.name).await?,
             None => None,
         };
+        let lookups = self.lookups(&source.name).await;
         let mut progress =
             Progress {
                 records: 0,
@@ -278,7 +278,7 @@ impl Collector {
                 published_total: saved.as_ref().map_or(0, |s| s.published_total),
                 held,
                 warnings: Vec::new(),
-                priors_failed: false,
+                lookups,
                 backfill: match mode {
                     Mode::Backfill { since, until } => Some(
                         crate::progress::BackfillProgress::new(&source.name, *since, *until),

@@ -100,7 +100,7 @@ impl FetchMetrics {
             )?,
             prior_lookups: counter(
                 "tardis_fetch_prior_lookups_total",
-                "Records looked up for a stored enrichment of the same content, by result (found, none, failed: Postgres could not be read and the records go to the LLM at full price)",
+                "Records looked up for a stored enrichment of the same content, by result (found; none; failed: Postgres could not be read and the records go to the LLM at full price; first_load: not looked up, as the source had no stored record when the run started)",
                 &["source", "result"],
             )?,
         })

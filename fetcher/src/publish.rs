@@ -9,7 +9,7 @@ use tardis_common::messages::{
 };
 use tardis_common::nats::publish_durably;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 /// The longest a chunk waits for its stored enrichments to be looked up.
 const PRIOR_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -20,7 +20,47 @@ use crate::collect::{Collector, Mode, PUBLISH_PATIENCE, Progress};
 use crate::content::content_key;
 use crate::http::FetchError;
 
+/// Whether a run looks up the stored enrichments of the records it fetches
+/// ([`crate::checkpoint::Checkpoints::priors`], one query per chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookups {
+    /// The source had stored records when the run started, or whether it had is unknown.
+    On,
+    /// The source had no stored record when the run started (a first load, or a backfill
+    /// into an empty table): there is nothing to find, so nothing is looked up. A record the
+    /// run meets twice (pages that overlap, a backfill running beside it) is then enriched
+    /// twice; the writer keeps one row, the newest.
+    FirstLoad,
+    /// A lookup failed in this run: the rest of the run does not try again, and its records
+    /// go to the LLM at full price.
+    Failed,
+}
+
 impl Collector {
+    /// Whether a run of `source` starting now looks up stored enrichments.
+    pub(crate) async fn lookups(&self, source: &str) -> Lookups {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Lookups::On;
+        };
+        match tokio::time::timeout(PRIOR_LOOKUP_TIMEOUT, checkpoints.has_records(source)).await {
+            Ok(Ok(true)) => Lookups::On,
+            Ok(Ok(false)) => {
+                info!(
+                    "no record of this source is stored yet: this run does not look up stored enrichments"
+                );
+                Lookups::FirstLoad
+            }
+            Ok(Err(error)) => {
+                debug!(%error, "whether records are stored is unknown; looking up per chunk");
+                Lookups::On
+            }
+            Err(_) => {
+                debug!("whether records are stored is unknown (timed out); looking up per chunk");
+                Lookups::On
+            }
+        }
+    }
+
     /// Cuts a page's records into chunks and publishes them, saving the cursor after each.
     /// `final_cursor`, when given, is the cursor of the page's last chunk.
     #[allow(clippy::too_many_arguments)]
@@ -109,8 +149,9 @@ impl Collector {
     }
 
     /// Sets each record's content key and, when Postgres is configured and readable, the
-    /// stored enrichment of the same content (one query per chunk). A lookup that fails is
-    /// logged, counted, and not tried again in this run: the records go at full price.
+    /// stored enrichment of the same content (one query per chunk; none in a first load). A
+    /// lookup that fails is logged, counted, and not tried again in this run: the records go
+    /// at full price.
     async fn attach_priors(
         &self,
         source: &SourceConfig,
@@ -125,13 +166,20 @@ impl Collector {
         let Some(checkpoints) = &self.checkpoints else {
             return;
         };
-        if progress.priors_failed || group.iter().all(|r| r.prior.is_some()) {
+        if progress.lookups == Lookups::Failed || group.iter().all(|r| r.prior.is_some()) {
             return;
         }
         let wanted: Vec<(&str, &str)> = group
             .iter()
             .filter_map(|r| Some((r.id.as_str(), r.content_key.as_deref()?)))
             .collect();
+        if progress.lookups == Lookups::FirstLoad {
+            self.metrics
+                .prior_lookups
+                .with_label_values(&[&source.name, "first_load"])
+                .inc_by(wanted.len() as u64);
+            return;
+        }
         let looked_up = tokio::time::timeout(
             PRIOR_LOOKUP_TIMEOUT,
             checkpoints.priors(&source.name, &wanted),
@@ -157,7 +205,7 @@ impl Collector {
                 count("none", n - hits);
             }
             Err(error) => {
-                progress.priors_failed = true;
+                progress.lookups = Lookups::Failed;
                 count("failed", wanted.len());
                 warn!(source = %source.name, %error, "stored enrichments could not be looked up; this run's records go to the LLM at full price");
             }

@@ -229,6 +229,107 @@ async fn refetching_a_thousand_unchanged_records_makes_no_llm_call() -> Result<(
     Ok(())
 }
 
+/// Scans of `records` (sequential and by index) counted by Postgres in this database, once
+/// every other session has ended (a session's counts are flushed when it ends).
+async fn scans_of_records(client: &tokio_postgres::Client) -> Result<i64> {
+    wait_for("the other sessions to end", Duration::from_secs(30), || async {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((others == 0).then_some(()))
+    })
+    .await?;
+    // A session leaves pg_stat_activity just before its counts are flushed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    client
+        .execute("SELECT pg_stat_clear_snapshot()", &[])
+        .await?;
+    Ok(client
+        .query_one(
+            "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8 FROM pg_stat_user_tables WHERE relname = 'records'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn a_first_load_looks_up_no_stored_enrichment_and_the_next_run_does() -> Result<()> {
+    let t = TestNats::new().await?;
+    let db = TestDb::new().await?;
+    let llm = MockLlm::start(MockConfig::default()).await?;
+    let events = Events::default();
+    let t0 = Utc::now() - chrono::Duration::days(2);
+    *events.0.lock().unwrap() = (1..=1000)
+        .map(|i| (i, t0 + chrono::Duration::seconds(i as i64), i))
+        .collect();
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/orders"))
+        .respond_with(events.clone())
+        .mount(&server)
+        .await;
+    let env = env_for(&t, &db, &format!("{}/orders", server.uri()), &llm);
+    migrate(&env).await?;
+    let client = db.connect().await?;
+    let first_load_line = "no record of this source is stored yet";
+
+    // The first run, nothing stored: one query says so, and no chunk is looked up.
+    let before = scans_of_records(&client).await?;
+    let out = fetch_once(&env).await?;
+    assert!(out.contains("orders: succeeded, 1000 records"), "{out}");
+    let first = scans_of_records(&client).await? - before;
+    assert!(
+        first <= 2,
+        "a first load scanned records {first} times (a lookup per record would be 1,000)"
+    );
+    assert!(out.contains(first_load_line), "{out}");
+
+    let writer = spawn_on("writer", &env, free_port()?)?;
+    let enricher = spawn_on("enricher", &env, free_port()?)?;
+    wait_for("1,000 rows", Duration::from_secs(120), || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM records", &[])
+            .await?
+            .get(0);
+        Ok((n == 1000).then_some(()))
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nenricher:\n{}\nwriter:\n{}",
+            enricher.output(),
+            writer.output()
+        )
+    })?;
+    enricher.terminate()?;
+    writer.terminate()?;
+    let paid = llm_requests(&llm);
+
+    // The source re-saves every record with the same content: the next run looks each up.
+    for (_, t, _) in events.0.lock().unwrap().iter_mut() {
+        *t += chrono::Duration::days(1);
+    }
+    let before = scans_of_records(&client).await?;
+    let out = fetch_once(&env).await?;
+    assert!(out.contains("orders: succeeded, 1000 records"), "{out}");
+    assert!(!out.contains(first_load_line), "{out}");
+    let second = scans_of_records(&client).await? - before;
+    assert!(
+        second >= 1000,
+        "a run with records stored scanned records {second} times (one lookup per record)"
+    );
+    assert_eq!(llm_requests(&llm), paid);
+    println!(
+        "records scanned: {first} times by a first load of 1,000 records, {second} by the next run"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_daily_budget_pauses_the_fleet_and_a_larger_one_resumes_it_without_loss() -> Result<()>
 {
