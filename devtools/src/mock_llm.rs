@@ -19,7 +19,7 @@
 //! apart) and `records_sent_again` (the difference: redeliveries and retries); and
 //! `calls_per_id`, calls by record id across all sources.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,9 +34,11 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 mod judge;
+mod limits;
 mod wire;
 
 pub use judge::{Judgement, enrich};
+use limits::{Limits, Refused, Window};
 pub use wire::input_records;
 use wire::{Answer, Category, Incoming, incoming};
 
@@ -86,12 +88,63 @@ struct Counters {
     /// Calls per record, keyed by a hash of the record's JSON: distinct records of different
     /// sources that share an id are counted apart.
     calls_per_record: HashMap<u64, u64>,
-    window: VecDeque<(tokio::time::Instant, u64)>,
-    /// The most requests accepted within one window.
-    peak_window_requests: u64,
-    /// Completion tokens served in the last minute (prompt tokens are in `window`).
-    completions: VecDeque<(tokio::time::Instant, u64)>,
+    window: Window,
     last_request: Option<Arc<Value>>,
+}
+
+impl Counters {
+    /// Counts a call of each record: by id, and by its content.
+    fn count_calls(&mut self, records: &[Incoming]) {
+        for Incoming { id, text, .. } in records {
+            let id = id
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| id.to_string());
+            *self.calls_per_id.entry(id).or_default() += 1;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&**text, &mut h);
+            *self
+                .calls_per_record
+                .entry(std::hash::Hasher::finish(&h))
+                .or_default() += 1;
+        }
+    }
+}
+
+/// The 429 of a refused request: `Retry-After` and, for each limit set, its
+/// `x-ratelimit-*` headers.
+fn throttled(refused: Refused, limits: Limits) -> Response {
+    let mut resp = api_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Rate limit reached",
+        "rate_limit_exceeded",
+    );
+    let h = resp.headers_mut();
+    let secs = refused.reset.as_secs_f64().ceil().max(1.0) as u64;
+    h.insert("retry-after", secs.into());
+    if let Some(r) = limits.rpm {
+        h.insert("x-ratelimit-limit-requests", r.into());
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            r.saturating_sub(refused.used_requests).into(),
+        );
+        h.insert(
+            "x-ratelimit-reset-requests",
+            format!("{secs}s").parse().expect("header value"),
+        );
+    }
+    if let Some(t) = limits.tpm {
+        h.insert("x-ratelimit-limit-tokens", t.into());
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            t.saturating_sub(refused.used_tokens).into(),
+        );
+        h.insert(
+            "x-ratelimit-reset-tokens",
+            format!("{secs}s").parse().expect("header value"),
+        );
+    }
+    resp
 }
 
 /// Server state.
@@ -138,7 +191,7 @@ impl Mock {
             "record_chars": c.record_chars,
             "result_chars": c.result_chars,
             "records_served": c.records_served,
-            "peak_window_requests": c.peak_window_requests,
+            "peak_window_requests": c.window.peak_requests,
             "calls_per_id": c.calls_per_id,
             "records_received": c.calls_per_record.values().sum::<u64>(),
             "distinct_records": c.calls_per_record.len(),
@@ -276,8 +329,11 @@ async fn completions(
     let prompt_tokens = tokens(prompt_chars);
 
     // Count, rate-limit, and pick this request's faults.
-    let now = tokio::time::Instant::now();
-    let window = Duration::from_secs(config.window_secs.unwrap_or(60).max(1));
+    let limits = Limits {
+        window: Duration::from_secs(config.window_secs.unwrap_or(60).max(1)),
+        rpm: config.rpm,
+        tpm: config.tpm,
+    };
     let (n, limited) = {
         let mut c = mock
             .counters
@@ -286,90 +342,21 @@ async fn completions(
         c.requests += 1;
         c.last_request = Some(body.clone());
         let n = c.requests;
-        while c
+        let admitted = c
             .window
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
-        {
-            c.window.pop_front();
+            .admit(tokio::time::Instant::now(), limits, prompt_tokens);
+        match admitted {
+            Ok(()) => c.count_calls(&records),
+            Err(_) => c.throttled += 1,
         }
-        while c
-            .completions
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
-        {
-            c.completions.pop_front();
-        }
-        let used_requests = c.window.len() as u64;
-        let used_tokens: u64 = c
-            .window
-            .iter()
-            .chain(c.completions.iter())
-            .map(|(_, t)| t)
-            .sum();
-        let over_rpm = config.rpm.is_some_and(|r| used_requests + 1 > r);
-        let over_tpm = config.tpm.is_some_and(|t| used_tokens + prompt_tokens > t);
-        let limited = if over_rpm || over_tpm {
-            c.throttled += 1;
-            let reset = c.window.front().map_or(Duration::from_secs(1), |(t, _)| {
-                window.saturating_sub(now.duration_since(*t))
-            });
-            Some((reset, used_requests, used_tokens))
-        } else {
-            c.window.push_back((now, prompt_tokens));
-            c.peak_window_requests = c.peak_window_requests.max(c.window.len() as u64);
-            for Incoming { id, text, .. } in &records {
-                let id = id
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| id.to_string());
-                *c.calls_per_id.entry(id).or_default() += 1;
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&**text, &mut h);
-                *c.calls_per_record
-                    .entry(std::hash::Hasher::finish(&h))
-                    .or_default() += 1;
-            }
-            None
-        };
-        (n, limited)
+        (n, admitted.err())
     };
     // Latency after counting: a request is "received" as soon as it arrives.
     if config.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(config.latency_ms)).await;
     }
-    if let Some((reset, used_requests, used_tokens)) = limited {
-        let mut resp = api_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Rate limit reached",
-            "rate_limit_exceeded",
-        );
-        let h = resp.headers_mut();
-        let secs = reset.as_secs_f64().ceil().max(1.0) as u64;
-        h.insert("retry-after", secs.into());
-        if let Some(r) = config.rpm {
-            h.insert("x-ratelimit-limit-requests", r.into());
-            h.insert(
-                "x-ratelimit-remaining-requests",
-                r.saturating_sub(used_requests).into(),
-            );
-            h.insert(
-                "x-ratelimit-reset-requests",
-                format!("{secs}s").parse().expect("header value"),
-            );
-        }
-        if let Some(t) = config.tpm {
-            h.insert("x-ratelimit-limit-tokens", t.into());
-            h.insert(
-                "x-ratelimit-remaining-tokens",
-                t.saturating_sub(used_tokens).into(),
-            );
-            h.insert(
-                "x-ratelimit-reset-tokens",
-                format!("{secs}s").parse().expect("header value"),
-            );
-        }
-        return resp;
+    if let Some(refused) = limited {
+        return throttled(refused, limits);
     }
     if roll(n, 1, config.fail_rate) {
         mock.counters
@@ -463,8 +450,8 @@ async fn completions(
         c.record_chars += record_chars as u64;
         c.result_chars += result_chars as u64;
         c.records_served += received as u64;
-        c.completions
-            .push_back((tokio::time::Instant::now(), completion_tokens));
+        c.window
+            .served(tokio::time::Instant::now(), completion_tokens);
     }
     Json(json!({
         "id": format!("chatcmpl-mock-{n}"),
