@@ -3,8 +3,9 @@
 //!
 //! A request is admitted when one more request stays within `rpm` and its prompt tokens,
 //! added to every token of the window (prompts admitted, completions served), stay within
-//! `tpm`. A refused request is not counted; the refusal says when the oldest request leaves
-//! the window and what the window held, for the `Retry-After` and `x-ratelimit-*` headers.
+//! `tpm`. A refused request is not counted in the window (the handler counts it as
+//! throttled); the refusal says when the oldest request leaves the window and what the window
+//! held, for the `Retry-After` and `x-ratelimit-*` headers.
 
 use std::collections::VecDeque;
 use std::time::Duration;

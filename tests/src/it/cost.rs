@@ -230,7 +230,8 @@ async fn refetching_a_thousand_unchanged_records_makes_no_llm_call() -> Result<(
 }
 
 /// Scans of `records` (sequential and by index) counted by Postgres in this database, once
-/// every other session has ended (a session's counts are flushed when it ends).
+/// every other session has ended: a session flushes its counts as it ends, before it leaves
+/// `pg_stat_activity` (Postgres 15 and later).
 async fn scans_of_records(client: &tokio_postgres::Client) -> Result<i64> {
     wait_for("the other sessions to end", Duration::from_secs(30), || async {
         let others: i64 = client
@@ -243,8 +244,6 @@ async fn scans_of_records(client: &tokio_postgres::Client) -> Result<i64> {
         Ok((others == 0).then_some(()))
     })
     .await?;
-    // A session leaves pg_stat_activity just before its counts are flushed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     client
         .execute("SELECT pg_stat_clear_snapshot()", &[])
         .await?;
@@ -308,7 +307,6 @@ async fn a_first_load_looks_up_no_stored_enrichment_and_the_next_run_does() -> R
     })?;
     enricher.terminate()?;
     writer.terminate()?;
-    let paid = llm_requests(&llm);
 
     // The source re-saves every record with the same content: the next run looks each up.
     for (_, t, _) in events.0.lock().unwrap().iter_mut() {
@@ -323,7 +321,6 @@ async fn a_first_load_looks_up_no_stored_enrichment_and_the_next_run_does() -> R
         second >= 1000,
         "a run with records stored scanned records {second} times (one lookup per record)"
     );
-    assert_eq!(llm_requests(&llm), paid);
     println!(
         "records scanned: {first} times by a first load of 1,000 records, {second} by the next run"
     );
