@@ -122,27 +122,21 @@ fn throttled(refused: Refused, limits: Limits) -> Response {
     let h = resp.headers_mut();
     let secs = refused.reset.as_secs_f64().ceil().max(1.0) as u64;
     h.insert("retry-after", secs.into());
-    if let Some(r) = limits.rpm {
-        h.insert("x-ratelimit-limit-requests", r.into());
-        h.insert(
-            "x-ratelimit-remaining-requests",
-            r.saturating_sub(refused.used_requests).into(),
-        );
-        h.insert(
-            "x-ratelimit-reset-requests",
-            format!("{secs}s").parse().expect("header value"),
-        );
-    }
-    if let Some(t) = limits.tpm {
-        h.insert("x-ratelimit-limit-tokens", t.into());
-        h.insert(
-            "x-ratelimit-remaining-tokens",
-            t.saturating_sub(refused.used_tokens).into(),
-        );
-        h.insert(
-            "x-ratelimit-reset-tokens",
-            format!("{secs}s").parse().expect("header value"),
-        );
+    for (what, limit, used) in [
+        ("requests", limits.rpm, refused.used_requests),
+        ("tokens", limits.tpm, refused.used_tokens),
+    ] {
+        if let Some(limit) = limit {
+            let name = |part: &str| format!("x-ratelimit-{part}-{what}");
+            let header =
+                |name: String| axum::http::HeaderName::try_from(name).expect("a header name");
+            h.insert(header(name("limit")), limit.into());
+            h.insert(header(name("remaining")), limit.saturating_sub(used).into());
+            h.insert(
+                header(name("reset")),
+                format!("{secs}s").parse().expect("header value"),
+            );
+        }
     }
     resp
 }

@@ -25,12 +25,15 @@ impl Checkpoints {
         Self { pool }
     }
 
-    async fn row(&self, source: &str) -> Result<Option<(Option<serde_json::Value>, i64)>, String> {
-        let client = self
-            .pool
+    async fn client(&self) -> Result<deadpool_postgres::Object, String> {
+        self.pool
             .get()
             .await
-            .map_err(|e| tardis_common::error::chain(&e))?;
+            .map_err(|e| tardis_common::error::chain(&e))
+    }
+
+    async fn row(&self, source: &str) -> Result<Option<(Option<serde_json::Value>, i64)>, String> {
+        let client = self.client().await?;
         let row = client
             .query_opt(
                 "SELECT cursor, records_written FROM source_checkpoints WHERE source = $1",
@@ -55,11 +58,7 @@ impl Checkpoints {
     /// Whether any record of `source` is stored. `false` at a run's start means a first load:
     /// no enrichment of it can be looked up, so the run does not try ([`Self::priors`]).
     pub async fn has_records(&self, source: &str) -> Result<bool, String> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| tardis_common::error::chain(&e))?;
+        let client = self.client().await?;
         let row = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM records WHERE source = $1)",
@@ -83,11 +82,7 @@ impl Checkpoints {
         }
         let ids: Vec<&str> = records.iter().map(|(id, _)| *id).collect();
         let keys: Vec<&str> = records.iter().map(|(_, key)| *key).collect();
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| tardis_common::error::chain(&e))?;
+        let client = self.client().await?;
         let rows = client
             .query(PRIORS, &[&source, &ids, &keys])
             .await
